@@ -1,0 +1,414 @@
+"""Layers: thin wrappers that hold parameters and call one op each way.
+
+A layer has ``params`` and ``grads`` (dicts of raw arrays; ``grads`` is
+overwritten, not accumulated, by each ``backward``), ``buffers`` for state
+that is saved but not trained (BatchNorm's running statistics), ``forward(x)``
+that caches what its backward needs, and ``backward(dy)`` that returns dL/dx.
+Parameters and shapes follow ``torch.nn`` so a ``state_dict`` moves between
+the two unchanged.
+
+Initial weights come from a NumPy generator (:func:`manual_seed` seeds the
+default one, or pass ``rng=``), so one seed gives the same initial model on
+every backend; :meth:`Module.to` then moves the model. Weights use He (Kaiming)
+normal initialisation, ``N(0, 2 / fan_in)``, suited to ReLU networks; biases
+start at zero.
+
+>>> import numpy as np
+>>> from portable_cnn import nn
+>>> nn.manual_seed(0)
+>>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+>>> model.forward(np.ones((5, 1, 4, 4), dtype=np.float32)).shape
+(5, 3)
+>>> sorted(model.state_dict())
+['0.bias', '0.weight', '3.bias', '3.weight']
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import numpy as np
+
+from . import backend, ops
+from .ops._checks import pair
+
+__all__ = [
+    "manual_seed",
+    "Module",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "Flatten",
+    "Linear",
+    "SoftmaxCrossEntropy",
+    "Sequential",
+]
+
+_default_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the generator that layers created without ``rng=`` draw from."""
+    global _default_rng
+    _default_rng = np.random.default_rng(seed)
+
+
+def _generator(rng) -> np.random.Generator:
+    if rng is None:
+        return _default_rng
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _he_normal(rng, shape, fan_in) -> np.ndarray:
+    return (_generator(rng).standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+class Module:
+    """Base of all layers: parameter bookkeeping, modes and backend moves."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.buffers: dict = {}
+        self.training = True
+
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Switch to training mode (``False``: evaluation); returns ``self``."""
+        self.training = mode
+        return self
+
+    def eval(self):
+        """Switch to evaluation mode; returns ``self``."""
+        return self.train(False)
+
+    def to(self, backend_name: str | ModuleType = "numpy", dtype=None):
+        """Move parameters and buffers to a backend (``"numpy"``, ``"cupy"``, ...), optionally casting floats.
+
+        Returns ``self``. Integer buffers keep their dtype.
+        """
+        xp = backend.get_namespace(backend_name) if isinstance(backend_name, str) else backend_name
+        for store in (self.params, self.buffers):
+            for key, value in store.items():
+                floating = np.dtype(backend.dtype_name(value)).kind == "f"
+                store[key] = backend.asarray(value, xp, dtype=dtype if floating else None)
+        self.grads = {}
+        return self
+
+    def _check_param_shapes(self):
+        """Refuse parameters a user set to the wrong shape, naming the layer."""
+        for key, shape in self._param_shapes().items():
+            if key in self.params and tuple(self.params[key].shape) != shape:
+                raise ValueError(f"{self!r}: expected params[{key!r}] of shape {shape}, got {tuple(self.params[key].shape)}")
+
+    def _param_shapes(self) -> dict:
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Conv2d(Module):
+    """2-D convolution layer, as ``torch.nn.Conv2d``.
+
+    ``params["weight"]``: ``(out_channels, in_channels, R, S)``;
+    ``params["bias"]``: ``(out_channels,)``. ``forward`` maps
+    ``(N, in_channels, H, W)`` to ``(N, out_channels, P, Q)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *, rng=None):
+        super().__init__()
+        R, S = pair(kernel_size, "kernel_size", "Conv2d", minimum=1)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = (R, S)
+        self.stride = pair(stride, "stride", "Conv2d", minimum=1)
+        self.padding = pair(padding, "padding", "Conv2d", minimum=0)
+        self.dilation = pair(dilation, "dilation", "Conv2d", minimum=1)
+        fan_in = self.in_channels * R * S
+        self.params["weight"] = _he_normal(rng, (self.out_channels, self.in_channels, R, S), fan_in)
+        if bias:
+            self.params["bias"] = np.zeros(self.out_channels, dtype=np.float32)
+        self._cache = None
+
+    def _param_shapes(self):
+        return {"weight": (self.out_channels, self.in_channels) + self.kernel_size, "bias": (self.out_channels,)}
+
+    def extra_repr(self):
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={'bias' in self.params}"
+        )
+
+    def forward(self, x):
+        self._check_param_shapes()
+        y, cols = ops.conv2d(
+            x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation,
+            return_cols=True, where=repr(self),
+        )
+        # Training keeps the im2col matrix for dW; evaluation keeps only x.
+        self._cache = (x, cols if self.training else None)
+        return y
+
+    def backward(self, dy):
+        x, cols = self._cache
+        dx, self.grads["weight"], db = ops.conv2d_backward(
+            dy, x, self.params["weight"], self.stride, self.padding, self.dilation,
+            cols=cols, has_bias="bias" in self.params, where=repr(self),
+        )
+        if db is not None:
+            self.grads["bias"] = db
+        return dx
+
+
+class Linear(Module):
+    """Fully connected layer, as ``torch.nn.Linear``: ``params["weight"]`` is ``(out_features, in_features)``."""
+
+    def __init__(self, in_features, out_features, bias=True, *, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.params["weight"] = _he_normal(rng, (self.out_features, self.in_features), self.in_features)
+        if bias:
+            self.params["bias"] = np.zeros(self.out_features, dtype=np.float32)
+        self._x = None
+
+    def _param_shapes(self):
+        return {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
+
+    def forward(self, x):
+        self._check_param_shapes()
+        self._x = x
+        return ops.linear(x, self.params["weight"], self.params.get("bias"), where=repr(self))
+
+    def backward(self, dy):
+        dx, self.grads["weight"], db = ops.linear_backward(
+            dy, self._x, self.params["weight"], has_bias="bias" in self.params, where=repr(self)
+        )
+        if db is not None:
+            self.grads["bias"] = db
+        return dx
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        name = type(self).__name__
+        self.kernel_size = pair(kernel_size, "kernel_size", name, minimum=1)
+        self.stride = pair(stride, "stride", name, minimum=1) if stride is not None else self.kernel_size
+        self.padding = pair(padding, "padding", name, minimum=0)
+        self._cache = None
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling, as ``torch.nn.MaxPool2d``; the gradient goes to the first maximum of each window."""
+
+    def forward(self, x):
+        y, argmax = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, where=repr(self))
+        self._cache = (tuple(x.shape), argmax)
+        return y
+
+    def backward(self, dy):
+        x_shape, argmax = self._cache
+        return ops.max_pool2d_backward(dy, argmax, x_shape, self.kernel_size, self.stride, self.padding, where=repr(self))
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling, as ``torch.nn.AvgPool2d`` (padding counts in the divisor)."""
+
+    def forward(self, x):
+        y = ops.avg_pool2d(x, self.kernel_size, self.stride, self.padding, where=repr(self))
+        self._cache = tuple(x.shape)
+        return y
+
+    def backward(self, dy):
+        return ops.avg_pool2d_backward(dy, self._cache, self.kernel_size, self.stride, self.padding, where=repr(self))
+
+
+class ReLU(Module):
+    """``max(x, 0)``."""
+
+    def forward(self, x):
+        self._x = x
+        return ops.relu(x, where=repr(self))
+
+    def backward(self, dy):
+        return ops.relu_backward(dy, self._x)
+
+
+class Sigmoid(Module):
+    """Logistic sigmoid."""
+
+    def forward(self, x):
+        self._y = ops.sigmoid(x, where=repr(self))
+        return self._y
+
+    def backward(self, dy):
+        return ops.sigmoid_backward(dy, self._y)
+
+
+class Tanh(Module):
+    """Hyperbolic tangent."""
+
+    def forward(self, x):
+        self._y = ops.tanh(x, where=repr(self))
+        return self._y
+
+    def backward(self, dy):
+        return ops.tanh_backward(dy, self._y)
+
+
+class Flatten(Module):
+    """``(N, ...)`` to ``(N, features)``, as ``torch.nn.Flatten()``."""
+
+    def forward(self, x):
+        self._shape = tuple(x.shape)
+        return ops.flatten(x, where=repr(self))
+
+    def backward(self, dy):
+        return ops.flatten_backward(dy, self._shape)
+
+
+class SoftmaxCrossEntropy(Module):
+    """Softmax followed by mean cross-entropy on integer labels.
+
+    ``forward(logits, labels)`` returns the 0-d loss; ``backward()`` returns
+    ``dL/dlogits = (softmax(logits) - onehot(labels)) / N``. ``validate=False``
+    skips the label-range check, which costs a host sync on a GPU.
+    """
+
+    def __init__(self, *, validate: bool = True):
+        super().__init__()
+        self.validate = validate
+        self._cache = None
+
+    def forward(self, logits, labels):
+        loss, probs = ops.softmax_cross_entropy(logits, labels, validate=self.validate, where=repr(self))
+        self._cache = (probs, labels)
+        return loss
+
+    def backward(self, dloss=1.0):
+        probs, labels = self._cache
+        return ops.softmax_cross_entropy_backward(probs, labels, dloss)
+
+
+class Sequential(Module):
+    """Layers applied in order; ``state_dict`` keys as ``torch.nn.Sequential`` names them (``"0.weight"``).
+
+    >>> from portable_cnn import nn
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> [name for name, _, _ in model.named_parameters()]
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {i} must be a portable_cnn.nn.Module, got {type(layer).__name__}")
+        self.layers = list(layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def to(self, backend_name="numpy", dtype=None):
+        for layer in self.layers:
+            layer.to(backend_name, dtype)
+        return self
+
+    def named_parameters(self):
+        """Yield ``(name, layer, key)`` for each parameter, in ``state_dict`` order."""
+        for i, layer in enumerate(self.layers):
+            for key in layer.params:
+                yield f"{i}.{key}", layer, key
+
+    def named_buffers(self):
+        """Yield ``(name, layer, key)`` for each buffer (BatchNorm statistics)."""
+        for i, layer in enumerate(self.layers):
+            for key in layer.buffers:
+                yield f"{i}.{key}", layer, key
+
+    def state_dict(self) -> dict:
+        """Parameters and buffers by torch-style name, as arrays of the current backend."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for key, value in layer.params.items():
+                out[f"{i}.{key}"] = value
+            for key, value in layer.buffers.items():
+                out[f"{i}.{key}"] = value
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load arrays (any backend) by name onto this model's backend, dtype and device.
+
+        Keys must match exactly and shapes must agree; otherwise ``KeyError`` or
+        ``ValueError`` names the offending keys, and nothing is changed.
+        """
+        own = {}
+        for name, layer, key in list(self.named_parameters()) + list(self.named_buffers()):
+            own[name] = (layer, key)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"Sequential.load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        staged = []
+        for name, (layer, key) in own.items():
+            store = layer.params if key in layer.params else layer.buffers
+            current = store[key]
+            value = state[name]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(
+                    f"Sequential.load_state_dict: {name} ({layer!r}) expected shape {tuple(current.shape)}, got {tuple(value.shape)}"
+                )
+            xp = backend.namespace(current)
+            staged.append((store, key, backend.asarray(value, xp, dtype=current.dtype, device=backend.device(current))))
+        for store, key, value in staged:
+            store[key] = value
+

@@ -1,0 +1,49 @@
+"""Numerical ops of portable_cnn: each a forward and its hand-written backward.
+
+Functions take and return raw arrays of any array-API library; the namespace
+comes from the arguments. See docs/derivation.md for the formulas.
+"""
+
+from .activation import relu, relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward
+from .conv import col2im, conv2d, conv2d_backward, im2col
+from .linear import flatten, flatten_backward, linear, linear_backward
+from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
+from .softmax import (
+    log_softmax,
+    log_softmax_backward,
+    one_hot,
+    softmax,
+    softmax_backward,
+    softmax_cross_entropy,
+    softmax_cross_entropy_backward,
+)
+from ._checks import out_size
+
+__all__ = [
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "col2im",
+    "conv2d",
+    "conv2d_backward",
+    "flatten",
+    "flatten_backward",
+    "im2col",
+    "linear",
+    "linear_backward",
+    "log_softmax",
+    "log_softmax_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "one_hot",
+    "out_size",
+    "relu",
+    "relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "softmax",
+    "softmax_backward",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_backward",
+    "tanh",
+    "tanh_backward",
+]

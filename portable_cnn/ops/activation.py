@@ -1,0 +1,60 @@
+"""Elementwise activations, forward and backward.
+
+Each backward takes what its forward cached: ``relu`` the input (its sign is
+the mask), ``sigmoid`` and ``tanh`` their output, whose derivative is a
+function of the output alone (docs/derivation.md, section 8).
+"""
+
+from __future__ import annotations
+
+from ._checks import check_float, namespace_of
+
+__all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward"]
+
+
+def _float_namespace(x, where):
+    xp = namespace_of(x, where=where)
+    check_float(x, where)
+    return xp
+
+
+def relu(x, *, where="relu"):
+    """``max(x, 0)`` elementwise.
+
+    >>> import numpy as np
+    >>> relu(np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 2.])
+    """
+    xp = _float_namespace(x, where)
+    return xp.where(x > 0, x, xp.zeros_like(x))
+
+
+def relu_backward(dy, x):
+    """``dy`` where ``x > 0``, else 0 (the subgradient at 0 is taken as 0, as PyTorch does)."""
+    xp = namespace_of(dy, x, where="relu")
+    return xp.where(x > 0, dy, xp.zeros_like(dy))
+
+
+def sigmoid(x, *, where="sigmoid"):
+    """``1 / (1 + exp(-x))``, computed without overflow for any finite ``x``."""
+    xp = _float_namespace(x, where)
+    e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def sigmoid_backward(dy, y):
+    """``dy * y * (1 - y)`` with ``y`` the forward's output."""
+    namespace_of(dy, y, where="sigmoid")
+    return dy * y * (1 - y)
+
+
+def tanh(x, *, where="tanh"):
+    """Hyperbolic tangent."""
+    xp = _float_namespace(x, where)
+    return xp.tanh(x)
+
+
+def tanh_backward(dy, y):
+    """``dy * (1 - y**2)`` with ``y`` the forward's output."""
+    namespace_of(dy, y, where="tanh")
+    return dy * (1 - y * y)

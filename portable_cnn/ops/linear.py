@@ -1,0 +1,84 @@
+"""Fully connected layer and flattening, forward and backward.
+
+``y = x @ W.T + b`` with ``W`` of shape ``(out, in)`` as in PyTorch; the
+backward is the two transposed GEMMs (docs/derivation.md, section 9)::
+
+    dx = dy @ W        # (N, in)
+    dW = dy.T @ x      # (out, in)
+    db = sum_n dy      # (out,)
+"""
+
+from __future__ import annotations
+
+from .. import backend
+from ._checks import check_float, check_ndim, namespace_of
+
+__all__ = ["linear", "linear_backward", "flatten", "flatten_backward"]
+
+
+def _check(x, weight, bias, where):
+    xp = namespace_of(x, weight, bias, where=where)
+    check_ndim(x, 2, "(N, in_features)", where)
+    check_ndim(weight, 2, "(out_features, in_features)", where, "weight")
+    check_float(x, where)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{where}: expected input with {weight.shape[1]} features (weight shape {tuple(weight.shape)}), "
+            f"got {x.shape[1]} features (input shape {tuple(x.shape)})"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{where}: input dtype {backend.dtype_name(x)} does not match weight dtype {backend.dtype_name(weight)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{where}: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return xp
+
+
+def linear(x, weight, bias=None, *, where="linear"):
+    """``x @ weight.T + bias``, as ``torch.nn.functional.linear``.
+
+    Parameters
+    ----------
+    x : array, shape (N, in_features)
+    weight : array, shape (out_features, in_features)
+    bias : array, shape (out_features,), optional
+
+    Returns
+    -------
+    array, shape (N, out_features)
+
+    >>> import numpy as np
+    >>> linear(np.ones((1, 3)), np.arange(6.0).reshape(2, 3), np.array([0.5, -0.5]))
+    array([[ 3.5, 11.5]])
+    """
+    _check(x, weight, bias, where)
+    y = x @ weight.T  # (N, out)
+    return y if bias is None else y + bias
+
+
+def linear_backward(dy, x, weight, *, has_bias=True, where="linear"):
+    """Gradients of :func:`linear`: ``(dx, dweight, dbias)`` (``dbias`` None without bias)."""
+    xp = _check(x, weight, None, where)
+    namespace_of(dy, x, where=where)
+    if tuple(dy.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"{where}: expected output gradient of shape {(x.shape[0], weight.shape[0])}, got {tuple(dy.shape)}")
+    dx = dy @ weight  # (N, in)
+    dweight = dy.T @ x  # (out, in)
+    dbias = xp.sum(dy, axis=0) if has_bias else None  # (out,)
+    return dx, dweight, dbias
+
+
+def flatten(x, *, where="flatten"):
+    """``(N, ...)`` to ``(N, prod(...))`` in row-major order, as ``torch.flatten(x, 1)``."""
+    xp = namespace_of(x, where=where)
+    if x.ndim < 1:
+        raise ValueError(f"{where}: expected an input with a batch axis, got shape {tuple(x.shape)}")
+    features = 1
+    for n in x.shape[1:]:
+        features *= n
+    return xp.reshape(x, (x.shape[0], features))
+
+
+def flatten_backward(dy, x_shape):
+    """Reshape ``dy`` back to the forward's input shape."""
+    xp = namespace_of(dy, where="flatten")
+    return xp.reshape(dy, tuple(x_shape))
