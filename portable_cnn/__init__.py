@@ -7,5 +7,6 @@ The same code trains on NumPy (CPU), CuPy (GPU), PyTorch tensors and
 __version__ = "0.1.0"
 
 from . import backend, nn, ops  # noqa: E402
+from . import models, optim  # noqa: E402
 
-__all__ = ["__version__", "backend", "nn", "ops"]
+__all__ = ["__version__", "backend", "models", "nn", "ops", "optim"]

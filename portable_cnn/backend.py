@@ -48,6 +48,7 @@ __all__ = [
     "is_torch",
     "synchronize",
     "cupy_status",
+    "random_uniform",
 ]
 
 BACKENDS = ("numpy", "cupy", "torch", "array_api_strict")
@@ -302,4 +303,60 @@ def is_floating(xp: ModuleType, x) -> bool:
 
 def dtype_name(x) -> str:
     """A short dtype name for error messages (``"float32"``)."""
-    return str(x.dtype).replace("torch.", "")
+    # torch says "torch.float32", array_api_strict "array_api_strict.float32".
+    return str(x.dtype).rsplit(".", 1)[-1]
+
+
+def random_uniform(xp: ModuleType, shape, rng, *, dtype=None, device=None):
+    """Uniform random numbers in ``[0, 1)`` as an ``xp`` array, drawn from a seeded NumPy generator.
+
+    Parameters
+    ----------
+    xp : namespace
+        The array library of the result (from :func:`namespace`).
+    shape : tuple of int
+    rng : numpy.random.Generator or int
+        The source of randomness. NumPy and ``array_api_strict`` draw from it
+        directly; CuPy and PyTorch draw one 63-bit seed from it and generate
+        the numbers on their own device, so no large host-to-device copy is
+        made. One seed therefore gives the same sequence of draws on one
+        backend, not the same numbers on two.
+    dtype : dtype or dtype name, optional
+        A real floating dtype; float64 when omitted.
+    device : optional
+        The device of the result; the library's default when omitted.
+
+    Returns
+    -------
+    array of ``shape``
+
+    >>> import numpy as np
+    >>> u = random_uniform(get_namespace("numpy"), (2, 3), np.random.default_rng(0), dtype="float32")
+    >>> u.shape, u.dtype.name, bool(((0 <= u) & (u < 1)).all())
+    ((2, 3), 'float32', True)
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    shape = tuple(int(n) for n in shape)
+    name = "float64" if dtype is None else str(dtype).rsplit(".", 1)[-1]
+    if name not in ("float32", "float64"):
+        raise TypeError(f"random_uniform: expected dtype float32 or float64, got {name}")
+    if is_numpy(xp):
+        return rng.random(shape, dtype=np.dtype(name))
+    if is_cupy(xp):
+        cupy = importlib.import_module("cupy")
+        seed = int(rng.integers(2**63))
+        # Philox is counter based: seeding it per call costs nothing, unlike XORWOW.
+        method = cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
+        if device is None:
+            return cupy.random.RandomState(seed, method=method).random_sample(shape, dtype=np.dtype(name))
+        with device:
+            return cupy.random.RandomState(seed, method=method).random_sample(shape, dtype=np.dtype(name))
+    if is_torch(xp):
+        torch = importlib.import_module("torch")
+        device = torch.device("cpu" if device is None else device)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(rng.integers(2**63)))
+        return torch.rand(shape, generator=generator, dtype=getattr(torch, name), device=device)
+    out = rng.random(shape, dtype=np.dtype(name))
+    return xp.asarray(out) if device is None else xp.asarray(out, device=device)

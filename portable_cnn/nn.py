@@ -32,6 +32,7 @@ import numpy as np
 
 from . import backend, ops
 from .ops._checks import pair
+from .ops.dropout import check_probability
 
 __all__ = [
     "manual_seed",
@@ -46,6 +47,8 @@ __all__ = [
     "Linear",
     "SoftmaxCrossEntropy",
     "Sequential",
+    "BatchNorm2d",
+    "Dropout",
 ]
 
 _default_rng = np.random.default_rng(0)
@@ -166,11 +169,11 @@ class Conv2d(Module):
         self._cache = (x, cols if self.training else None)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_input_grad=True):
         x, cols = self._cache
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation,
-            cols=cols, has_bias="bias" in self.params, where=repr(self),
+            cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad, where=repr(self),
         )
         if db is not None:
             self.grads["bias"] = db
@@ -199,9 +202,10 @@ class Linear(Module):
         self._x = x
         return ops.linear(x, self.params["weight"], self.params.get("bias"), where=repr(self))
 
-    def backward(self, dy):
+    def backward(self, dy, need_input_grad=True):
         dx, self.grads["weight"], db = ops.linear_backward(
-            dy, self._x, self.params["weight"], has_bias="bias" in self.params, where=repr(self)
+            dy, self._x, self.params["weight"], has_bias="bias" in self.params,
+            need_input_grad=need_input_grad, where=repr(self),
         )
         if db is not None:
             self.grads["bias"] = db
@@ -254,7 +258,7 @@ class ReLU(Module):
         return ops.relu(x, where=repr(self))
 
     def backward(self, dy):
-        return ops.relu_backward(dy, self._x)
+        return ops.relu_backward(dy, self._x, where=repr(self))
 
 
 class Sigmoid(Module):
@@ -265,7 +269,7 @@ class Sigmoid(Module):
         return self._y
 
     def backward(self, dy):
-        return ops.sigmoid_backward(dy, self._y)
+        return ops.sigmoid_backward(dy, self._y, where=repr(self))
 
 
 class Tanh(Module):
@@ -276,7 +280,7 @@ class Tanh(Module):
         return self._y
 
     def backward(self, dy):
-        return ops.tanh_backward(dy, self._y)
+        return ops.tanh_backward(dy, self._y, where=repr(self))
 
 
 class Flatten(Module):
@@ -287,7 +291,7 @@ class Flatten(Module):
         return ops.flatten(x, where=repr(self))
 
     def backward(self, dy):
-        return ops.flatten_backward(dy, self._shape)
+        return ops.flatten_backward(dy, self._shape, where=repr(self))
 
 
 class SoftmaxCrossEntropy(Module):
@@ -347,8 +351,17 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self.layers):
+    def backward(self, dy, need_input_grad=True):
+        """Backpropagate ``dy`` = dL/d(output); return dL/d(input).
+
+        With ``need_input_grad=False`` (training on data, whose gradient nobody
+        reads) a first Conv2d/Linear layer skips its input gradient, one GEMM
+        and a col2im, and ``None`` is returned.
+        """
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not need_input_grad and isinstance(layer, (Conv2d, Linear)):
+                return layer.backward(dy, need_input_grad=False)
             dy = layer.backward(dy)
         return dy
 
@@ -412,3 +425,99 @@ class Sequential(Module):
         for store, key, value in staged:
             store[key] = value
 
+
+class BatchNorm2d(Module):
+    """Batch normalisation over channels, as ``torch.nn.BatchNorm2d``.
+
+    ``params``: ``weight`` (ones) and ``bias`` (zeros), ``(num_features,)``.
+    ``buffers``: ``running_mean`` (zeros), ``running_var`` (ones) and
+    ``num_batches_tracked`` (int64, shape ``()``), PyTorch's names, so a
+    ``state_dict`` loads into ``torch.nn.BatchNorm2d`` unchanged. In training
+    mode ``forward`` normalises with the batch statistics and updates the
+    running ones; in evaluation mode it uses the running ones.
+    ``(N, C, H, W)`` in and out.
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> bn = nn.BatchNorm2d(3)
+    >>> y = bn.forward(np.random.default_rng(0).normal(5.0, 2.0, (4, 3, 2, 2)).astype(np.float32))
+    >>> bool(abs(y.mean()) < 1e-5), int(bn.buffers["num_batches_tracked"])
+    (True, 1)
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features = int(num_features)
+        if self.num_features < 1:
+            raise ValueError(f"BatchNorm2d: num_features must be positive, got {num_features!r}")
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
+        self.params["bias"] = np.zeros(self.num_features, dtype=np.float32)
+        self.buffers["running_mean"] = np.zeros(self.num_features, dtype=np.float32)
+        self.buffers["running_var"] = np.ones(self.num_features, dtype=np.float32)
+        self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+        self._cache = None
+
+    def _param_shapes(self):
+        return {"weight": (self.num_features,), "bias": (self.num_features,)}
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward(self, x):
+        self._check_param_shapes()
+        y, self._cache, running_mean, running_var = ops.batch_norm2d(
+            x, self.params["weight"], self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
+            training=self.training, momentum=self.momentum, eps=self.eps, where=repr(self),
+        )
+        if self.training:
+            self.buffers["running_mean"], self.buffers["running_var"] = running_mean, running_var
+            self.buffers["num_batches_tracked"] = self.buffers["num_batches_tracked"] + 1
+        return y
+
+    def backward(self, dy):
+        dx, self.grads["weight"], self.grads["bias"] = ops.batch_norm2d_backward(dy, self._cache)
+        return dx
+
+
+class Dropout(Module):
+    """Inverted dropout, as ``torch.nn.Dropout``: in training, zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``; identity in evaluation.
+
+    The random numbers are drawn on the input's device by
+    :func:`portable_cnn.backend.random_uniform`, from ``rng`` (an int or a
+    ``numpy.random.Generator``) or, without one, from the generator that
+    :func:`manual_seed` seeds, looked up at each call as PyTorch's global
+    generator is.
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> drop = nn.Dropout(0.5, rng=0)
+    >>> sorted(set(drop.forward(np.ones(1000)).tolist()))
+    [0.0, 2.0]
+    >>> bool((drop.eval().forward(np.ones(3)) == 1).all())
+    True
+    """
+
+    def __init__(self, p=0.5, *, rng=None):
+        super().__init__()
+        self.p = check_probability(p, "Dropout")
+        self.rng = None if rng is None else _generator(rng)
+        self._mask = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            # Identity: no random numbers are drawn, nothing is cached.
+            self._mask = None
+            return x
+        xp = backend.namespace(x, where=repr(self))
+        uniform = backend.random_uniform(xp, tuple(x.shape), _generator(self.rng), dtype=x.dtype, device=backend.device(x))
+        y, self._mask = ops.dropout(x, self.p, uniform, where=repr(self))
+        return y
+
+    def backward(self, dy):
+        if self._mask is None:
+            return dy
+        return ops.dropout_backward(dy, self._mask, where=repr(self))

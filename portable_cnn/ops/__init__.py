@@ -6,7 +6,9 @@ comes from the arguments. See docs/derivation.md for the formulas.
 
 from .activation import relu, relu_backward, sigmoid, sigmoid_backward, tanh, tanh_backward
 from .conv import col2im, conv2d, conv2d_backward, im2col
+from .dropout import dropout, dropout_backward
 from .linear import flatten, flatten_backward, linear, linear_backward
+from .norm import batch_norm2d, batch_norm2d_backward
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 from .softmax import (
     log_softmax,
@@ -22,9 +24,13 @@ from ._checks import out_size
 __all__ = [
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm2d",
+    "batch_norm2d_backward",
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "dropout",
+    "dropout_backward",
     "flatten",
     "flatten_backward",
     "im2col",

@@ -10,7 +10,7 @@ import operator
 
 from .. import backend
 
-__all__ = ["pair", "out_size", "check_float", "check_ndim", "namespace_of"]
+__all__ = ["pair", "out_size", "check_float", "check_ndim", "check_grad_shape", "namespace_of"]
 
 
 def pair(value, name: str, where: str, *, minimum: int) -> tuple[int, int]:
@@ -61,6 +61,12 @@ def check_ndim(x, ndim: int, layout: str, where: str, name: str = "input") -> No
     """Reject an array whose number of axes is not ``ndim`` (``layout`` names them)."""
     if x.ndim != ndim:
         raise ValueError(f"{where}: expected {name} of {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+
+
+def check_grad_shape(dy, shape, where: str) -> None:
+    """Reject an output gradient whose shape is not the forward output's: it would broadcast silently."""
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{where}: expected output gradient of shape {tuple(shape)}, got {tuple(dy.shape)}")
 
 
 def namespace_of(*arrays, where: str):

@@ -7,7 +7,10 @@ function of the output alone (docs/derivation.md, section 8).
 
 from __future__ import annotations
 
-from ._checks import check_float, namespace_of
+import numpy as np
+
+from .. import backend
+from ._checks import check_float, check_grad_shape, namespace_of
 
 __all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward"]
 
@@ -26,12 +29,17 @@ def relu(x, *, where="relu"):
     array([0., 0., 2.])
     """
     xp = _float_namespace(x, where)
+    if backend.is_numpy(xp):
+        return np.maximum(x, x.dtype.type(0))  # one pass, keeps the memory layout
     return xp.where(x > 0, x, xp.zeros_like(x))
 
 
-def relu_backward(dy, x):
+def relu_backward(dy, x, *, where="relu"):
     """``dy`` where ``x > 0``, else 0 (the subgradient at 0 is taken as 0, as PyTorch does)."""
-    xp = namespace_of(dy, x, where="relu")
+    xp = namespace_of(dy, x, where=where)
+    check_grad_shape(dy, x.shape, where)
+    if backend.is_numpy(xp):
+        return np.where(x > 0, dy, dy.dtype.type(0))
     return xp.where(x > 0, dy, xp.zeros_like(dy))
 
 
@@ -42,9 +50,10 @@ def sigmoid(x, *, where="sigmoid"):
     return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def sigmoid_backward(dy, y):
+def sigmoid_backward(dy, y, *, where="sigmoid"):
     """``dy * y * (1 - y)`` with ``y`` the forward's output."""
-    namespace_of(dy, y, where="sigmoid")
+    namespace_of(dy, y, where=where)
+    check_grad_shape(dy, y.shape, where)
     return dy * y * (1 - y)
 
 
@@ -54,7 +63,8 @@ def tanh(x, *, where="tanh"):
     return xp.tanh(x)
 
 
-def tanh_backward(dy, y):
+def tanh_backward(dy, y, *, where="tanh"):
     """``dy * (1 - y**2)`` with ``y`` the forward's output."""
-    namespace_of(dy, y, where="tanh")
+    namespace_of(dy, y, where=where)
+    check_grad_shape(dy, y.shape, where)
     return dy * (1 - y * y)

@@ -24,13 +24,23 @@ col2im of ``dY2 @ W2`` equals the convolution of the stride-dilated, padded
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import backend
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
-__all__ = ["conv2d", "conv2d_backward", "im2col", "col2im", "conv2d_geometry"]
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "im2col",
+    "col2im",
+    "conv2d_geometry",
+    "set_workspace_limit",
+    "get_workspace_limit",
+]
 
 
 def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, where="conv2d"):
@@ -144,6 +154,38 @@ def _col2im_numpy(cols, x_shape, R, S, u, v, a, b, dh, dw, P, Q):
     return dxpad[:, :, a : a + H, b : b + W]
 
 
+_workspace_limit = int(float(os.environ.get("PORTABLE_CNN_WORKSPACE_MB", "1024")) * 2**20)
+
+
+def set_workspace_limit(megabytes: float) -> None:
+    """Bound the im2col matrix of one convolution call to ``megabytes``.
+
+    A batch whose matrix would be larger is convolved in slices of the batch
+    (the result is the same), so a large batch does not run out of memory.
+    The default is 1024 MB, or the ``PORTABLE_CNN_WORKSPACE_MB`` environment
+    variable. At least one sample is always processed at a time.
+    """
+    global _workspace_limit
+    if not megabytes > 0:
+        raise ValueError(f"set_workspace_limit: expected a positive number of megabytes, got {megabytes!r}")
+    _workspace_limit = int(megabytes * 2**20)
+
+
+def get_workspace_limit() -> float:
+    """The current im2col workspace limit in megabytes."""
+    return _workspace_limit / 2**20
+
+
+def _batch_chunk(x_shape, w_shape, P, Q, dtype) -> int:
+    """How many samples fit one im2col matrix under the workspace limit."""
+    N, C, H, W = x_shape
+    K, _, R, S = w_shape
+    itemsize = 8 if "64" in str(dtype) else 4
+    # The stride-1 input gradient unfolds dy, (H*W, R*S*K) per sample.
+    per_sample = max(P * Q * C, H * W * K) * R * S * itemsize
+    return max(1, min(N, _workspace_limit // per_sample))
+
+
 def _check_conv_args(x, weight, bias, where):
     xp = namespace_of(x, weight, bias, where=where)
     check_ndim(x, 4, "(N, C, H, W)", where)
@@ -177,7 +219,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
     Returns
     -------
     y : array, shape (N, K, P, Q)
-    cols : array, shape (N*P*Q, C*R*S), only with ``return_cols``
+    cols : array, only with ``return_cols``
+        The im2col matrix, opaque: pass it to :func:`conv2d_backward` of
+        the same backend. ``(N*P*Q, C*R*S)`` on the standard path; NumPy's
+        fast path orders its columns ``(R, S, C)`` instead.
 
     Examples
     --------
@@ -191,6 +236,18 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
     N, C, H, W, K, R, S, u, v, a, b, dh, dw, P, Q = conv2d_geometry(
         x.shape, weight.shape, stride, padding, dilation, where
     )
+    chunk = _batch_chunk(x.shape, weight.shape, P, Q, x.dtype)
+    if chunk < N:
+        # The whole batch's im2col matrix would exceed the workspace limit:
+        # convolve slices of the batch; the backward recomputes their columns.
+        y = xp.concat(
+            [conv2d(x[i : i + chunk, ...], weight, bias, stride, padding, dilation, where=where) for i in range(0, N, chunk)],
+            axis=0,
+        )  # (N, K, P, Q)
+        return (y, None) if return_cols else y
+    if backend.is_numpy(xp):
+        y, cols = _conv2d_numpy(x, weight, bias, (u, v), (a, b), (dh, dw), P, Q)
+        return (y, cols) if return_cols else y
     cols = im2col(x, (R, S), (u, v), (a, b), (dh, dw))  # (N*P*Q, C*R*S)
     w2 = xp.reshape(weight, (K, C * R * S))  # (K, C*R*S)
     y = cols @ w2.T  # (N*P*Q, K)
@@ -200,7 +257,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
     return (y, cols) if return_cols else y
 
 
-def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None, has_bias=True, where="conv2d"):
+def conv2d_backward(
+    dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None, has_bias=True, need_input_grad=True, where="conv2d"
+):
     """Gradients of :func:`conv2d`.
 
     Parameters
@@ -213,10 +272,13 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None
         The forward's im2col matrix; recomputed from ``x`` when omitted.
     has_bias : bool
         Whether to return ``db`` (else ``None``).
+    need_input_grad : bool
+        Whether to compute ``dx`` (else ``None``): the first layer of a
+        network needs no gradient for its input, which saves a GEMM and col2im.
 
     Returns
     -------
-    dx : array, shape (N, C, H, W)
+    dx : array, shape (N, C, H, W), or None
     dw : array, shape (K, C, R, S)
     db : array, shape (K,) or None
     """
@@ -227,12 +289,119 @@ def conv2d_backward(dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None
     )
     if tuple(dy.shape) != (N, K, P, Q):
         raise ValueError(f"{where}: expected output gradient of shape {(N, K, P, Q)}, got {tuple(dy.shape)}")
+    chunk = _batch_chunk(x.shape, weight.shape, P, Q, x.dtype)
+    if cols is None and chunk < N:
+        parts = [
+            conv2d_backward(
+                dy[i : i + chunk, ...], x[i : i + chunk, ...], weight, stride, padding, dilation,
+                has_bias=has_bias, need_input_grad=need_input_grad, where=where,
+            )
+            for i in range(0, N, chunk)
+        ]
+        dx = xp.concat([part[0] for part in parts], axis=0) if need_input_grad else None  # (N, C, H, W)
+        _, dweight, dbias = parts[0]  # (K, C, R, S), (K,)
+        for _, dw_part, db_part in parts[1:]:
+            dweight = dweight + dw_part
+            dbias = dbias + db_part if has_bias else None
+        return dx, dweight, dbias
+    if backend.is_numpy(xp):
+        return _conv2d_backward_numpy(dy, x, weight, (u, v), (a, b), (dh, dw), P, Q, cols, has_bias, need_input_grad)
     if cols is None:
         cols = im2col(x, (R, S), (u, v), (a, b), (dh, dw))  # (N*P*Q, C*R*S)
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (N * P * Q, K))  # (N*P*Q, K)
     w2 = xp.reshape(weight, (K, C * R * S))  # (K, C*R*S)
     dweight = xp.reshape(dy2.T @ cols, (K, C, R, S))  # (K, C*R*S) -> (K, C, R, S)
     dbias = xp.sum(dy2, axis=0) if has_bias else None  # (K,)
+    if not need_input_grad:
+        return None, dweight, dbias
     dcols = dy2 @ w2  # (N*P*Q, C*R*S)
     dx = col2im(dcols, (N, C, H, W), (R, S), (u, v), (a, b), (dh, dw))  # (N, C, H, W)
     return dx, dweight, dbias
+
+
+# --- NumPy fast path ------------------------------------------------------
+# Activations stay channels-last in memory: conv2d returns an (N, K, P, Q)
+# *view* of an (N, P, Q, K) GEMM result, and every NumPy fast path reads its
+# input through ``x.transpose(0, 2, 3, 1)``, which is then contiguous. In that
+# layout one im2col row is R runs of S*C contiguous floats (not C*R runs of S),
+# so the one copy that im2col makes moves long runs, and the GEMM output needs
+# no transpose copy at all. Columns are ordered (R, S, C); the weight is
+# reordered to match, which is cheap (it is small).
+
+
+def _padded_nhwc(x, a, b):
+    """``x`` as channels-last ``(N, H+2a, W+2b, C)``, zero-padded (a view when unpadded)."""
+    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if a == 0 and b == 0:
+        return xt
+    N, H, W, C = xt.shape
+    xpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=x.dtype)
+    xpad[:, a : a + H, b : b + W, :] = xt
+    return xpad
+
+
+def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q):
+    """Rows ``(n, p, q)``, columns ``(r, s, c)``: shape (N*P*Q, R*S*C)."""
+    N, C = x.shape[:2]
+    xpad = _padded_nhwc(x, a, b)  # (N, H+2a, W+2b, C)
+    sN, sH, sW, sC = xpad.strides
+    view = np.lib.stride_tricks.as_strided(
+        xpad, shape=(N, P, Q, R, S, C), strides=(sN, u * sH, v * sW, dh * sH, dw * sW, sC), writeable=False
+    )  # (N, P, Q, R, S, C)
+    return view.reshape(N * P * Q, R * S * C)
+
+
+def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q):
+    """Forward in the channels-last layout; returns ``(y, cols)``."""
+    (u, v), (a, b), (dh, dw) = stride, padding, dilation
+    N, C = x.shape[:2]
+    K, _, R, S = weight.shape
+    cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q)  # (N*P*Q, R*S*C)
+    w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
+    y = cols @ w2.T  # (N*P*Q, K)
+    if bias is not None:
+        y += bias
+    return y.reshape(N, P, Q, K).transpose(0, 3, 1, 2), cols  # (N, K, P, Q) view of (N, P, Q, K)
+
+
+def _conv2d_backward_numpy(dy, x, weight, stride, padding, dilation, P, Q, cols, has_bias, need_input_grad):
+    """Backward in the channels-last layout; ``cols`` from :func:`_conv2d_numpy` or None."""
+    (u, v), (a, b), (dh, dw) = stride, padding, dilation
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    if cols is None:
+        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q)  # (N*P*Q, R*S*C)
+    dy2 = dy.transpose(0, 2, 3, 1).reshape(N * P * Q, K)  # (N*P*Q, K), a view when dy is channels-last
+    dweight = (dy2.T @ cols).reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
+    dweight = np.ascontiguousarray(dweight)
+    dbias = dy2.sum(axis=0) if has_bias else None  # (K,)
+    if not need_input_grad:
+        return None, dweight, dbias
+    if u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1):
+        return _conv2d_input_grad_as_convolution(dy, weight, (a, b), (dh, dw), H, W), dweight, dbias
+    w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
+    dcols = (dy2 @ w2).reshape(N, P, Q, R, S, C)  # (N, P, Q, R, S, C)
+    dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
+    for r in range(R):
+        for s in range(S):
+            h0, w0 = r * dh, s * dw
+            dxpad[:, h0 : h0 + u * (P - 1) + 1 : u, w0 : w0 + v * (Q - 1) + 1 : v, :] += dcols[:, :, :, r, s, :]
+    return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2), dweight, dbias  # (N, C, H, W) view
+
+
+def _conv2d_input_grad_as_convolution(dy, weight, padding, dilation, H, W):
+    """dx for stride 1 as a convolution: im2col of ``dy`` and one GEMM, no scatter-add.
+
+    With ``t = d_h (R - 1) - a`` rows of zeros around ``dy`` (and likewise
+    for columns), ``dx = conv2d(pad(dy, t), rot180(W) with K and C swapped,
+    dilation d)`` (docs/derivation.md, section 5). This reads ``dy`` through
+    im2col, a copy of long contiguous runs, instead of scattering
+    ``R*S`` strided additions into ``dx``: about twice as fast here.
+    """
+    (a, b), (dh, dw) = padding, dilation
+    K, C, R, S = weight.shape
+    N = dy.shape[0]
+    cols = _im2col_nhwc(dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W)  # (N*H*W, R*S*K)
+    w_rot = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, R * S * K)  # (C, R*S*K)
+    dx = cols @ w_rot.T  # (N*H*W, C)
+    return dx.reshape(N, H, W, C).transpose(0, 3, 1, 2)  # (N, C, H, W) view of (N, H, W, C)

@@ -11,7 +11,7 @@ backward is the two transposed GEMMs (docs/derivation.md, section 9)::
 from __future__ import annotations
 
 from .. import backend
-from ._checks import check_float, check_ndim, namespace_of
+from ._checks import check_float, check_grad_shape, check_ndim, namespace_of
 
 __all__ = ["linear", "linear_backward", "flatten", "flatten_backward"]
 
@@ -30,6 +30,9 @@ def _check(x, weight, bias, where):
         raise TypeError(f"{where}: input dtype {backend.dtype_name(x)} does not match weight dtype {backend.dtype_name(weight)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{where}: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        # Else NumPy would promote y to the bias dtype behind the user's back.
+        raise TypeError(f"{where}: bias dtype {backend.dtype_name(bias)} does not match weight dtype {backend.dtype_name(weight)}")
     return xp
 
 
@@ -55,13 +58,16 @@ def linear(x, weight, bias=None, *, where="linear"):
     return y if bias is None else y + bias
 
 
-def linear_backward(dy, x, weight, *, has_bias=True, where="linear"):
-    """Gradients of :func:`linear`: ``(dx, dweight, dbias)`` (``dbias`` None without bias)."""
+def linear_backward(dy, x, weight, *, has_bias=True, need_input_grad=True, where="linear"):
+    """Gradients of :func:`linear`: ``(dx, dweight, dbias)``.
+
+    ``dbias`` is None without bias, ``dx`` None with ``need_input_grad=False``.
+    """
     xp = _check(x, weight, None, where)
     namespace_of(dy, x, where=where)
     if tuple(dy.shape) != (x.shape[0], weight.shape[0]):
         raise ValueError(f"{where}: expected output gradient of shape {(x.shape[0], weight.shape[0])}, got {tuple(dy.shape)}")
-    dx = dy @ weight  # (N, in)
+    dx = dy @ weight if need_input_grad else None  # (N, in)
     dweight = dy.T @ x  # (out, in)
     dbias = xp.sum(dy, axis=0) if has_bias else None  # (out,)
     return dx, dweight, dbias
@@ -78,7 +84,11 @@ def flatten(x, *, where="flatten"):
     return xp.reshape(x, (x.shape[0], features))
 
 
-def flatten_backward(dy, x_shape):
+def flatten_backward(dy, x_shape, *, where="flatten"):
     """Reshape ``dy`` back to the forward's input shape."""
-    xp = namespace_of(dy, where="flatten")
+    xp = namespace_of(dy, where=where)
+    features = 1
+    for n in x_shape[1:]:
+        features *= n
+    check_grad_shape(dy, (x_shape[0], features), where)
     return xp.reshape(dy, tuple(x_shape))

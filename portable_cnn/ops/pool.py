@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
 from ._windows import pad2d, scatter_add_taps, tap_slices
@@ -72,6 +74,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, where="max_pool2d"):
     """
     xp = _check_input(x, where)
     N, C, H, W, R, S, u, v, a, b, P, Q = pool2d_geometry(x.shape, kernel_size, stride, padding, where)
+    if backend.is_numpy(xp):
+        return _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q)
     xpad = pad2d(x, a, b, value=-math.inf)  # (N, C, H+2a, W+2b)
     windows = xp.stack(
         [xpad[index] for index in tap_slices(R, S, u, v, 1, 1, P, Q)], axis=-1
@@ -93,6 +97,8 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0
     N, C, H, W, R, S, u, v, a, b, P, Q = pool2d_geometry(x_shape, kernel_size, stride, padding, where)
     if tuple(dy.shape) != (N, C, P, Q):
         raise ValueError(f"{where}: expected output gradient of shape {(N, C, P, Q)}, got {tuple(dy.shape)}")
+    if backend.is_numpy(xp):
+        return _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q)
     dxpad = scatter_add_taps(
         xp,
         (xp.where(argmax == k, dy, xp.zeros_like(dy)) for k in range(R * S)),
@@ -146,3 +152,43 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, *, whe
         device=backend.device(dy),
     )  # (N, C, H+2a, W+2b)
     return dxpad[:, :, a : a + H, b : b + W]
+
+
+# --- NumPy fast path ------------------------------------------------------
+# Same taps, read channels-last (see conv.py: activations are (N, C, H, W)
+# views of (N, H, W, C) memory), a running maximum updated in place instead of
+# a stacked (N, C, P, Q, R*S) copy, and ``>`` so the first maximum wins.
+
+
+def _nhwc_taps(R, S, u, v, P, Q):
+    for r in range(R):
+        for s in range(S):
+            yield slice(None), slice(r, r + u * (P - 1) + 1, u), slice(s, s + v * (Q - 1) + 1, v), slice(None)
+
+
+def _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q):
+    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if a or b:
+        N, H, W, C = xt.shape
+        xpad = np.full((N, H + 2 * a, W + 2 * b, C), -np.inf, dtype=x.dtype)
+        xpad[:, a : a + H, b : b + W, :] = xt
+        xt = xpad  # (N, H+2a, W+2b, C)
+    taps = _nhwc_taps(R, S, u, v, P, Q)
+    best = xt[next(taps)].copy()  # (N, P, Q, C)
+    argmax = np.zeros(best.shape, dtype=np.int64)  # (N, P, Q, C)
+    for k, index in enumerate(taps, start=1):
+        tap = xt[index]
+        greater = tap > best
+        np.copyto(best, tap, where=greater)
+        argmax[greater] = k
+    return best.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)  # (N, C, P, Q) views
+
+
+def _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q):
+    N, C, H, W = x_shape
+    dyt, argt = dy.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)  # (N, P, Q, C)
+    dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
+    zero = dy.dtype.type(0)
+    for k, index in enumerate(_nhwc_taps(R, S, u, v, P, Q)):
+        dxpad[index] += np.where(argt == k, dyt, zero)
+    return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view

@@ -111,7 +111,8 @@ def softmax_cross_entropy(logits, labels, *, validate=True, where="softmax_cross
     _check_loss_args(xp, logits, labels, where, validate)
     logp = log_softmax(logits, axis=1, where=where)  # (N, K)
     target = one_hot(labels, logits.shape[1], logits.dtype)  # (N, K)
-    loss = -xp.sum(target * logp) / logits.shape[0]
+    # asarray: NumPy reductions return a scalar, not the 0-d array the other backends give.
+    loss = xp.asarray(-xp.sum(target * logp) / logits.shape[0])
     return loss, xp.exp(logp)
 
 

@@ -1,0 +1,149 @@
+"""Batch normalisation over ``(N, C, H, W)``, forward and backward.
+
+Per channel ``c``, with ``M = N*H*W`` values in the batch (PyTorch's
+``torch.nn.BatchNorm2d`` semantics)::
+
+    training:   mu = mean(x),  var = mean((x - mu)**2)       # biased variance
+                running_mean <- (1 - momentum) * running_mean + momentum * mu
+                running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
+    evaluation: mu, var = running_mean, running_var
+    both:       xhat = (x - mu) / sqrt(var + eps),   y = weight * xhat + bias
+
+The running variance takes the *unbiased* batch variance while the
+normalisation uses the biased one, exactly as PyTorch does.
+
+Backward. In evaluation ``mu`` and ``var`` are constants, so
+``dx = dy * weight / sqrt(var + eps)``. In training they depend on ``x``; with
+``g = dy * weight`` (the gradient reaching ``xhat``) the three paths through
+``xhat``, ``mu`` and ``var`` collapse to one line. (Why: ``dL/dvar =
+-sum(g * xhat) * inv_std / (2 (var + eps))`` and ``dvar/dx = 2 (x - mu) / M``
+give the ``xhat * mean(g * xhat)`` term; ``dL/dmu`` gives ``mean(g)``, its
+part through ``var`` vanishing because ``sum(x - mu) = 0``.)::
+
+    dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps)
+    dweight = sum(dy * xhat),   dbias = sum(dy)
+
+where the means and sums run over ``(N, H, W)`` per channel. Only ``xhat`` and
+``1 / sqrt(var + eps)`` are cached: ``x`` itself is not needed again.
+"""
+
+from __future__ import annotations
+
+from .. import backend
+from ._checks import check_float, check_ndim, namespace_of
+
+__all__ = ["batch_norm2d", "batch_norm2d_backward"]
+
+_AXES = (0, 2, 3)  # the reduction axes: everything but the channel
+
+
+def _per_channel(v):
+    """``(C,)`` to ``(1, C, 1, 1)`` so it broadcasts against ``(N, C, H, W)``."""
+    xp = backend.namespace(v)
+    return xp.reshape(v, (1, v.shape[0], 1, 1))  # (1, C, 1, 1)
+
+
+def _check(x, weight, bias, running_mean, running_var, where):
+    xp = namespace_of(x, weight, bias, running_mean, running_var, where=where)
+    check_ndim(x, 4, "(N, C, H, W)", where)
+    check_float(x, where)
+    C = x.shape[1]
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if v is None:
+            continue
+        if tuple(v.shape) != (C,):
+            raise ValueError(f"{where}: expected {name} of shape ({C},) for an input with {C} channels, got {tuple(v.shape)}")
+        if v.dtype != x.dtype:
+            raise TypeError(f"{where}: {name} dtype {backend.dtype_name(v)} does not match input dtype {backend.dtype_name(x)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: give both running_mean and running_var, or neither")
+    return xp
+
+
+def batch_norm2d(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, where="batch_norm2d"):
+    """Batch normalisation, as ``torch.nn.functional.batch_norm`` on 4-D input.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+    weight, bias : array, shape (C,), or None
+        The affine scale and shift (``None``: 1 and 0, no gradient).
+    running_mean, running_var : array, shape (C,), or None
+        Running statistics. Used in evaluation; updated (into new arrays, the
+        inputs are never written) in training. ``None`` for both: normalise
+        with the batch statistics in either mode and track nothing.
+    training : bool
+        Normalise with the batch statistics and update the running ones.
+    momentum : float
+        Weight of the new batch in the running averages.
+    eps : float
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    y : array, shape (N, C, H, W)
+    cache : tuple
+        What :func:`batch_norm2d_backward` needs.
+    new_running_mean, new_running_var : array, shape (C,), or None
+        The updated statistics in training, the given ones otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(8.0).reshape(2, 1, 2, 2)
+    >>> y, _, rm, rv = batch_norm2d(x, None, None, np.zeros(1), np.ones(1), training=True, eps=0.0)
+    >>> round(float(y.mean()), 12), round(float((y ** 2).mean()), 12)
+    (0.0, 1.0)
+    >>> rm, rv  # 0.9 * 0 + 0.1 * 3.5 and 0.9 * 1 + 0.1 * 6 (unbiased)
+    (array([0.35]), array([1.5]))
+    """
+    xp = _check(x, weight, bias, running_mean, running_var, where)
+    N, C, H, W = x.shape
+    M = N * H * W
+    use_batch = training or running_mean is None
+    if use_batch:
+        if M < 2:
+            raise ValueError(
+                f"{where}: expected more than 1 value per channel in training, got input shape {tuple(x.shape)}"
+            )
+        mean = xp.mean(x, axis=_AXES)  # (C,)
+        centred = x - _per_channel(mean)  # (N, C, H, W)
+        var = xp.mean(centred * centred, axis=_AXES)  # (C,) biased
+    else:
+        mean, var = running_mean, running_var
+        centred = x - _per_channel(mean)
+    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
+    xhat = centred * _per_channel(inv_std)  # (N, C, H, W)
+    y = xhat
+    if weight is not None:
+        y = y * _per_channel(weight)
+    if bias is not None:
+        y = y + _per_channel(bias)
+    new_mean, new_var = running_mean, running_var
+    if training and running_mean is not None:
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean
+        new_var = (1.0 - momentum) * running_var + momentum * (var * (M / (M - 1)))
+    cache = (xhat, inv_std, weight, bias is not None, use_batch, where)
+    return y, cache, new_mean, new_var
+
+
+def batch_norm2d_backward(dy, cache):
+    """Gradients of :func:`batch_norm2d`: ``(dx, dweight, dbias)``.
+
+    ``dweight``/``dbias`` are ``None`` where the forward had no weight/bias.
+    In training mode the gradient flows through the batch mean and variance
+    too (module docstring).
+    """
+    xhat, inv_std, weight, has_bias, use_batch, where = cache
+    xp = namespace_of(dy, xhat, where=where)
+    if tuple(dy.shape) != tuple(xhat.shape):
+        raise ValueError(f"{where}: expected output gradient of shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
+    dbias = xp.sum(dy, axis=_AXES) if has_bias else None  # (C,)
+    dweight = xp.sum(dy * xhat, axis=_AXES) if weight is not None else None  # (C,)
+    g = dy if weight is None else dy * _per_channel(weight)  # dL/dxhat, (N, C, H, W)
+    if use_batch:
+        g_mean = xp.mean(g, axis=_AXES)  # (C,)
+        gx_mean = xp.mean(g * xhat, axis=_AXES)  # (C,)
+        g = g - _per_channel(g_mean) - xhat * _per_channel(gx_mean)
+    dx = g * _per_channel(inv_std)
+    return dx, dweight, dbias

@@ -1,0 +1,423 @@
+"""conv2d, im2col and col2im: gradients, cross-backend parity, the PyTorch oracle.
+
+Every formula of docs/derivation.md sections 1-5 is checked here; each test's
+docstring names the formula it proves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+from unittest import mock
+
+import numpy as np
+import pytest
+from conftest import make_backend, tol
+from gradcheck import assert_grad_close, numerical_grad, projected_loss
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from portable_cnn.ops import col2im, conv, conv2d, conv2d_backward, im2col, out_size
+
+
+class ConvConfig(NamedTuple):
+    """One convolution problem in the seed's notation (plus N, C, K and dilation)."""
+
+    N: int
+    C: int
+    K: int
+    H: int
+    W: int
+    R: int
+    S: int
+    u: int
+    v: int
+    a: int
+    b: int
+    dh: int
+    dw: int
+    seed: int = 0
+
+    @property
+    def options(self) -> dict:
+        return {"stride": (self.u, self.v), "padding": (self.a, self.b), "dilation": (self.dh, self.dw)}
+
+    @property
+    def P(self) -> int:
+        return out_size(self.H, self.R, self.u, self.a, self.dh)
+
+    @property
+    def Q(self) -> int:
+        return out_size(self.W, self.S, self.v, self.b, self.dw)
+
+    def arrays(self):
+        """Float64 ``x, w, b, dy`` drawn from this config's seed."""
+        rng = np.random.default_rng(self.seed)
+        x = rng.standard_normal((self.N, self.C, self.H, self.W))
+        w = rng.standard_normal((self.K, self.C, self.R, self.S))
+        b = rng.standard_normal(self.K)
+        dy = rng.standard_normal((self.N, self.K, self.P, self.Q))
+        return x, w, b, dy
+
+
+@st.composite
+def conv_configs(draw, max_hw: int = 5, max_kernel: int = 4, max_nck: int = 2) -> ConvConfig:
+    """Random conv problems: uneven strides/paddings/dilations, any kernel that fits the padded input."""
+    N, C, K = (draw(st.integers(1, max_nck)) for _ in range(3))
+    H, W = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    u, v = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    a, b = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    # The dilated kernel d(R-1)+1 must fit in the padded input H+2a.
+    R = draw(st.integers(1, min(max_kernel, (H + 2 * a - 1) // dh + 1)))
+    S = draw(st.integers(1, min(max_kernel, (W + 2 * b - 1) // dw + 1)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return ConvConfig(N, C, K, H, W, R, S, u, v, a, b, dh, dw, seed)
+
+
+# Named corner cases, run before the random draws of the tests that take them.
+# Kernel as large as the padded input (output 1x1), batch 1 and one channel:
+KERNEL_FILLS_PADDED_INPUT = ConvConfig(1, 1, 2, 3, 2, 5, 4, 2, 3, 1, 1, 1, 1, seed=1)
+# Non-square everything; H + 2a - d(R-1) - 1 = 4 is not a multiple of u = 3 and
+# W + 2b - d(S-1) - 1 = 7 not one of v = 2 (remainder rows and columns):
+UNEVEN = ConvConfig(2, 3, 2, 7, 5, 3, 2, 3, 2, 1, 2, 2, 1, seed=2)
+# Padding larger than the dilated kernel extent minus one (a > d(R-1)):
+WIDE_PADDING = ConvConfig(1, 2, 1, 4, 3, 1, 2, 2, 1, 2, 2, 1, 1, seed=3)
+
+FIXTURE_SETTINGS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
+
+
+def _corner_cases(test):
+    for cfg in (KERNEL_FILLS_PADDED_INPUT, UNEVEN, WIDE_PADDING):
+        test = example(cfg=cfg)(test)
+    return test
+
+
+def test_corner_cases_are_what_their_names_say():
+    """The named configurations really are the corner cases the tests rely on."""
+    c = KERNEL_FILLS_PADDED_INPUT
+    assert (c.R, c.S) == (c.H + 2 * c.a, c.W + 2 * c.b) and (c.P, c.Q) == (1, 1) and (c.N, c.C) == (1, 1)
+    c = UNEVEN
+    assert (c.H + 2 * c.a - c.dh * (c.R - 1) - 1) % c.u != 0 and c.H != c.W and c.R != c.S
+    c = WIDE_PADDING
+    assert c.a > c.dh * (c.R - 1)
+
+
+# ---------------------------------------------------------------- section 1: output size
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    H=st.integers(1, 30),
+    R=st.integers(1, 12),
+    u=st.integers(1, 6),
+    a=st.integers(0, 5),
+    d=st.integers(1, 3),
+)
+def test_out_size_seed_ceiling_form_equals_floor_form(H, R, u, a, d):
+    """Section 1: ceil((H - R + 1 + 2a)/u) == floor((H + 2a - R)/u) + 1, and the dilated form counts windows."""
+    padded = H + 2 * a
+    if d * (R - 1) + 1 > padded:
+        return  # no window fits: the ops reject this (see test_conv2d_rejects_kernel_larger_than_padded_input)
+    if d == 1:
+        seed_ceiling = -((-(H - R + 1 + 2 * a)) // u)  # exact integer ceil
+        assert seed_ceiling == (H + 2 * a - R) // u + 1 == out_size(H, R, u, a)
+    # Brute force: the window at output p covers rows u*p + d*r, r < R; it must end inside the padded input.
+    windows = sum(1 for p in range(padded) if u * p + d * (R - 1) <= padded - 1)
+    assert out_size(H, R, u, a, d) == windows == (H + 2 * a - d * (R - 1) - 1) // u + 1
+
+
+def test_conv2d_rejects_kernel_larger_than_padded_input():
+    """Section 1: no output when d(R-1)+1 > H+2a; the error names the op and both sizes."""
+    x = np.zeros((1, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"conv2d: kernel 5x5 .* larger than the padded input 3x3"):
+        conv2d(x, np.zeros((1, 1, 3, 3)), dilation=2)
+
+
+# ---------------------------------------------------------------- section 2: cross-correlation
+
+
+def test_conv2d_is_cross_correlation_and_rotation_gives_convolution():
+    """Section 2: conv2d is the seed's cross-correlation; the 180-degree-rotated kernel gives true convolution."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 1, 5, 6))
+    k = rng.standard_normal((1, 1, 2, 3))
+    H, W, R, S = 5, 6, 2, 3
+    correlation = np.array(
+        [[sum(x[0, 0, i + m, j + n] * k[0, 0, m, n] for m in range(R) for n in range(S)) for j in range(W - S + 1)]
+         for i in range(H - R + 1)]
+    )
+    np.testing.assert_allclose(conv2d(x, k)[0, 0], correlation, **tol("float64"))
+    # Convolution (I * K)_ij = sum_mn I(i - m, j - n) K(m, n), output anchored at the kernel's far corner.
+    convolution = np.array(
+        [[sum(x[0, 0, i - m, j - n] * k[0, 0, m, n] for m in range(R) for n in range(S)) for j in range(S - 1, W)]
+         for i in range(R - 1, H)]
+    )
+    np.testing.assert_allclose(conv2d(x, k[:, :, ::-1, ::-1])[0, 0], convolution, **tol("float64"))
+
+
+# ---------------------------------------------------------------- sections 3-5: forward and gradients
+
+
+def _run(backend, cfg: ConvConfig, dtype: str):
+    """Forward and backward of ``cfg`` on ``backend`` in ``dtype``; everything returned as NumPy."""
+    x, w, b, dy = (np.asarray(t, dtype=dtype) for t in cfg.arrays())
+    X, Wt, Bt, DY = (backend.asarray(t) for t in (x, w, b, dy))
+    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.options)
+    dx, dw, db = conv2d_backward(DY, X, Wt, cols=cols, **cfg.options)
+    dx_recomputed, _, no_db = conv2d_backward(DY, X, Wt, has_bias=False, **cfg.options)
+    assert no_db is None
+    np.testing.assert_array_equal(backend.to_numpy(dx_recomputed), backend.to_numpy(dx))
+    for name, t in {"y": y, "dx": dx, "dw": dw, "db": db}.items():
+        assert backend.to_numpy(t).dtype == np.dtype(dtype), name
+    return {k: np.array(backend.to_numpy(t)) for k, t in {"y": y, "dx": dx, "dw": dw, "db": db}.items()}
+
+
+def test_conv2d_forward_is_im2col_gemm():
+    """Section 3: y[n, k, p, q] = cols[(n, p, q), :] @ W2[k, :] + b[k] with W2 = W.reshape(K, C*R*S)."""
+    cfg = UNEVEN
+    x, w, b, _ = cfg.arrays()
+    cols = im2col(x, (cfg.R, cfg.S), **cfg.options)
+    assert cols.shape == (cfg.N * cfg.P * cfg.Q, cfg.C * cfg.R * cfg.S)
+    gemm = (cols @ w.reshape(cfg.K, -1).T + b).reshape(cfg.N, cfg.P, cfg.Q, cfg.K).transpose(0, 3, 1, 2)
+    # The definition, term by term, on the zero-padded input.
+    xpad = np.pad(x, ((0, 0), (0, 0), (cfg.a, cfg.a), (cfg.b, cfg.b)))
+    direct = np.zeros((cfg.N, cfg.K, cfg.P, cfg.Q))
+    for p in range(cfg.P):
+        for q in range(cfg.Q):
+            for r in range(cfg.R):
+                for s in range(cfg.S):
+                    patch = xpad[:, :, cfg.u * p + cfg.dh * r, cfg.v * q + cfg.dw * s]  # (N, C)
+                    direct[:, :, p, q] += patch @ w[:, :, r, s].T
+    direct += b[None, :, None, None]
+    np.testing.assert_allclose(gemm, direct, **tol("float64"))
+    np.testing.assert_allclose(conv2d(x, w, b, **cfg.options), direct, **tol("float64"))
+
+
+@settings(max_examples=15, **FIXTURE_SETTINGS)
+@given(cfg=conv_configs(max_hw=4, max_kernel=3))
+@_corner_cases
+def test_conv2d_gradients_match_central_differences(backend, cfg):
+    """Sections 4-5: dW = dY2.T @ cols, db = sum dY2, dX = col2im(dY2 @ W2), against float64 differences."""
+    x, w, b, dy = cfg.arrays()
+    got = _run(backend, cfg, "float64")
+
+    def loss_of(x_, w_, b_):
+        y = conv2d(backend.asarray(x_), backend.asarray(w_), backend.asarray(b_), **cfg.options)
+        return projected_loss(backend.to_numpy, dy)(y)
+
+    assert_grad_close(got["dx"], numerical_grad(lambda t: loss_of(t, w, b), x), "dx")
+    assert_grad_close(got["dw"], numerical_grad(lambda t: loss_of(x, t, b), w), "dw")
+    assert_grad_close(got["db"], numerical_grad(lambda t: loss_of(x, w, t), b), "db")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=10, **FIXTURE_SETTINGS)
+@given(cfg=conv_configs())
+@_corner_cases
+def test_conv2d_parity_across_backends(backend, dtype, cfg):
+    """Sections 3-5: every backend gives NumPy's y, dx, dW and db in float64 and float32."""
+    reference = _run(make_backend("numpy"), cfg, dtype)
+    got = _run(backend, cfg, dtype)
+    for name in reference:
+        np.testing.assert_allclose(got[name], reference[name], err_msg=name, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=conv_configs(max_hw=7, max_kernel=5, max_nck=3))
+@_corner_cases
+def test_conv2d_matches_torch(torch, dtype, cfg):
+    """Sections 3-5: y, dx, dW, db equal torch.nn.functional.conv2d and its autograd."""
+    F = torch.nn.functional
+    got = _run(make_backend("numpy"), cfg, dtype)
+    x, w, b, dy = (torch.tensor(np.asarray(t, dtype=dtype), requires_grad=True) for t in cfg.arrays())
+    y = F.conv2d(x, w, b, **cfg.options)
+    y.backward(dy.detach())
+    expected = {"y": y, "dx": x.grad, "dw": w.grad, "db": b.grad}
+    for name, t in expected.items():
+        np.testing.assert_allclose(got[name], t.detach().numpy(), err_msg=name, **tol(dtype))
+
+
+@settings(max_examples=5, **FIXTURE_SETTINGS)
+@given(cfg=conv_configs())
+@_corner_cases
+def test_conv2d_does_not_modify_inputs(backend, cfg):
+    """Forward + backward leave x, W, b and dy as they were (numpy-readonly also forbids any write)."""
+    originals = cfg.arrays()
+    X, Wt, Bt, DY = (backend.asarray(t) for t in originals)
+    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.options)
+    conv2d_backward(DY, X, Wt, cols=cols, **cfg.options)
+    conv2d_backward(DY, X, Wt, **cfg.options)
+    for name, before, after in zip(("x", "w", "b", "dy"), originals, (X, Wt, Bt, DY)):
+        np.testing.assert_array_equal(backend.to_numpy(after), before, err_msg=name)
+
+
+# ---------------------------------------------------------------- im2col / col2im
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=conv_configs(max_hw=6))
+@_corner_cases
+def test_im2col_col2im_numpy_fast_paths_match_standard_path(cfg):
+    """The NumPy early returns (_im2col_numpy, _col2im_numpy) give exactly what the standard-only path gives."""
+    x, *_ = cfg.arrays()
+    ksize, shape = (cfg.R, cfg.S), x.shape
+    rng = np.random.default_rng(cfg.seed + 1)
+    c = rng.standard_normal((cfg.N * cfg.P * cfg.Q, cfg.C * cfg.R * cfg.S))
+    with (
+        mock.patch.object(conv, "_im2col_numpy", wraps=conv._im2col_numpy) as im2col_fast,
+        mock.patch.object(conv, "_col2im_numpy", wraps=conv._col2im_numpy) as col2im_fast,
+    ):
+        fast_cols = im2col(x, ksize, **cfg.options)
+        fast_x = col2im(c, shape, ksize, **cfg.options)
+    assert im2col_fast.call_count == 1 and col2im_fast.call_count == 1
+    # The standard path on the same NumPy arrays: tell the module it is not NumPy.
+    with (
+        mock.patch.object(conv.backend, "is_numpy", return_value=False),
+        mock.patch.object(conv, "_im2col_numpy", side_effect=AssertionError("fast path taken")),
+        mock.patch.object(conv, "_col2im_numpy", side_effect=AssertionError("fast path taken")),
+    ):
+        standard_cols = im2col(x, ksize, **cfg.options)
+        standard_x = col2im(c, shape, ksize, **cfg.options)
+    np.testing.assert_array_equal(fast_cols, standard_cols)
+    np.testing.assert_array_equal(fast_x, standard_x)
+    # And the standard path on array_api_strict, where no fast path exists.
+    strict = make_backend("array_api_strict")
+    np.testing.assert_array_equal(strict.to_numpy(im2col(strict.asarray(x), ksize, **cfg.options)), fast_cols)
+    np.testing.assert_array_equal(strict.to_numpy(col2im(strict.asarray(c), shape, ksize, **cfg.options)), fast_x)
+
+
+def _conv_all_paths(cfg: ConvConfig) -> dict:
+    """y and every gradient through each entry point: cached or recomputed cols, with and without dx/db."""
+    x, w, b, dy = cfg.arrays()
+    y, cols = conv2d(x, w, b, return_cols=True, **cfg.options)
+    dx, dw, db = conv2d_backward(dy, x, w, cols=cols, **cfg.options)
+    dx2, dw2, db2 = conv2d_backward(dy, x, w, **cfg.options)
+    none_dx, dw3, none_db = conv2d_backward(dy, x, w, has_bias=False, need_input_grad=False, **cfg.options)
+    assert none_dx is None and none_db is None
+    return {"y": y, "dx": dx, "dw": dw, "db": db, "dx2": dx2, "dw2": dw2, "db2": db2, "dw3": dw3}
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=conv_configs(max_hw=7, max_kernel=4, max_nck=3))
+@_corner_cases
+def test_conv2d_numpy_fast_path_matches_standard_path(cfg):
+    """Sections 3-5: NumPy's channels-last conv2d/conv2d_backward early returns agree with the standard path."""
+    fast = _conv_all_paths(cfg)
+    with mock.patch.object(conv.backend, "is_numpy", return_value=False):
+        standard = _conv_all_paths(cfg)
+    for name in fast:
+        np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
+
+
+@settings(max_examples=10, deadline=None)
+@given(cfg=conv_configs(max_hw=6, max_nck=3))
+@_corner_cases
+def test_conv2d_batch_chunks_match_one_gemm(cfg):
+    """Sections 3-5: a workspace limit that forces one sample per im2col matrix changes no result."""
+    whole = _conv_all_paths(cfg)
+    limit = conv.get_workspace_limit()
+    try:
+        conv.set_workspace_limit(1e-9)  # below one sample: every call is split into N slices
+        chunked = _conv_all_paths(cfg)
+        assert conv._batch_chunk((cfg.N, cfg.C, cfg.H, cfg.W), (cfg.K, cfg.C, cfg.R, cfg.S), cfg.P, cfg.Q, "float64") == 1
+    finally:
+        conv.set_workspace_limit(limit)
+    for name in whole:
+        np.testing.assert_allclose(chunked[name], whole[name], err_msg=name, **tol("float64"))
+
+
+@settings(max_examples=10, **FIXTURE_SETTINGS)
+@given(cfg=conv_configs(max_hw=6))
+@_corner_cases
+def test_col2im_is_adjoint_of_im2col(backend, cfg):
+    """Section 5: <im2col(x), c> == <x, col2im(c)> for every x and c."""
+    x, *_ = cfg.arrays()
+    rng = np.random.default_rng(cfg.seed + 2)
+    c = rng.standard_normal((cfg.N * cfg.P * cfg.Q, cfg.C * cfg.R * cfg.S))
+    ksize = (cfg.R, cfg.S)
+    cols = backend.to_numpy(im2col(backend.asarray(x), ksize, **cfg.options))
+    folded = backend.to_numpy(col2im(backend.asarray(c), x.shape, ksize, **cfg.options))
+    assert folded.shape == x.shape
+    np.testing.assert_allclose(np.sum(cols * c), np.sum(x * folded), **tol("float64"))
+
+
+# ---------------------------------------------------------------- section 5: dX as a convolution
+
+
+def rotated_kernel_convolution_dx(dy, w, cfg: ConvConfig) -> np.ndarray:
+    """dX built from the public conv2d alone (section 5, second form).
+
+    1. Dilate dy by the stride: ``u - 1`` zero rows (``v - 1`` columns) between
+       entries, plus the remainder rows/columns that the forward's floor drops,
+       so the result has ``H + 2a - d(R-1)`` rows.
+    2. Pad it by the dilated kernel extent ``d(R-1)`` on every side.
+    3. Correlate with the kernel rotated 180 degrees and its channel axes
+       swapped, ``(K, C, R, S) -> (C, K, R, S)``, same dilation, stride 1:
+       that is the gradient of the *padded* input.
+    4. Crop the forward's padding ``a`` (``b``) away.
+
+    Steps 2 and 4 partly cancel: pad by ``d(R-1) - a`` when that is not
+    negative, else pad by 0 and crop the rest.
+    """
+    N, K, P, Q = dy.shape
+    rows = cfg.H + 2 * cfg.a - cfg.dh * (cfg.R - 1)  # = u(P-1) + 1 + remainder
+    cols_ = cfg.W + 2 * cfg.b - cfg.dw * (cfg.S - 1)
+    dilated = np.zeros((N, K, rows, cols_), dtype=dy.dtype)
+    dilated[:, :, : cfg.u * (P - 1) + 1 : cfg.u, : cfg.v * (Q - 1) + 1 : cfg.v] = dy
+    rotated = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, K, R, S)
+    pad_h, pad_w = cfg.dh * (cfg.R - 1) - cfg.a, cfg.dw * (cfg.S - 1) - cfg.b
+    dx = conv2d(dilated, rotated, padding=(max(pad_h, 0), max(pad_w, 0)), dilation=(cfg.dh, cfg.dw))
+    crop_h, crop_w = max(-pad_h, 0), max(-pad_w, 0)
+    return dx[:, :, crop_h : crop_h + cfg.H, crop_w : crop_w + cfg.W]
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=conv_configs(max_hw=7, max_kernel=4, max_nck=3))
+@_corner_cases
+def test_dx_equals_rotated_kernel_convolution(cfg):
+    """Section 5: col2im(dY2 @ W2) == full convolution of the stride-dilated, padded dY with the rotated kernel."""
+    x, w, _, dy = cfg.arrays()
+    dx, _, _ = conv2d_backward(dy, x, w, **cfg.options)
+    by_convolution = rotated_kernel_convolution_dx(dy, w, cfg)
+    assert by_convolution.shape == x.shape
+    np.testing.assert_allclose(dx, by_convolution, **tol("float64"))
+
+
+def test_dx_by_convolution_covers_the_remainder_and_wide_padding_cases():
+    """The rotated-kernel construction itself, on the cases that need its remainder and crop branches."""
+    for cfg in (UNEVEN, WIDE_PADDING):
+        x, w, _, dy = cfg.arrays()
+        # An independent dX: the definition, accumulated entry by entry on the padded input.
+        dxpad = np.zeros((cfg.N, cfg.C, cfg.H + 2 * cfg.a, cfg.W + 2 * cfg.b))
+        for p, q, r, s in np.ndindex(cfg.P, cfg.Q, cfg.R, cfg.S):
+            dxpad[:, :, cfg.u * p + cfg.dh * r, cfg.v * q + cfg.dw * s] += dy[:, :, p, q] @ w[:, :, r, s]
+        expected = dxpad[:, :, cfg.a : cfg.a + cfg.H, cfg.b : cfg.b + cfg.W]
+        np.testing.assert_allclose(rotated_kernel_convolution_dx(dy, w, cfg), expected, **tol("float64"))
+        assert math.prod(expected.shape) == x.size
+
+
+# ---------------------------------------------------------------- section 4: dW as a correlation
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=conv_configs(max_hw=7, max_kernel=4, max_nck=3))
+@_corner_cases
+def test_dw_equals_input_correlated_with_dy(cfg):
+    """Section 4: dW[k, c] = correlation of the padded x (batch as channels) with dY, dilation (u, v), stride (d_h, d_w)."""
+    x, w, _, dy = cfg.arrays()
+    _, dw, db = conv2d_backward(dy, x, w, **cfg.options)
+    correlated = conv2d(
+        x.transpose(1, 0, 2, 3),  # (C, N, H, W): channels become the batch, the batch the channels
+        dy.transpose(1, 0, 2, 3),  # (K, N, P, Q): dY is the kernel
+        stride=(cfg.dh, cfg.dw),
+        padding=(cfg.a, cfg.b),
+        dilation=(cfg.u, cfg.v),
+    )  # (C, K, R', S') with R' >= R: the extra taps would read rows the forward never used
+    expected = correlated[:, :, : cfg.R, : cfg.S].transpose(1, 0, 2, 3)  # (K, C, R, S)
+    np.testing.assert_allclose(dw, expected, **tol("float64"))
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), **tol("float64"))

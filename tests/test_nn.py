@@ -1,0 +1,436 @@
+"""Layers and Sequential: the public contract of issue 2, gradients and the whole-model oracle.
+
+The model used throughout touches every layer: conv (uneven stride, padding
+and dilation, non-square kernel) -> relu -> overlapping max pool -> padded
+average pool -> flatten -> linear -> sigmoid -> linear -> tanh -> linear, with
+the softmax cross-entropy on top. Its hand-written gradients are checked
+against float64 central differences (taken once, on NumPy) on every backend,
+and against PyTorch autograd on an equivalent ``torch.nn.Sequential`` into
+which our ``state_dict`` is loaded unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tol
+from gradcheck import assert_grad_close, numerical_grad
+
+from portable_cnn import backend as B
+from portable_cnn import nn, ops
+
+X_SHAPE = (2, 2, 7, 8)  # (N, C, H, W)
+NUM_CLASSES = 3
+LABELS = np.array([2, 0])
+
+
+def make_model(seed=0) -> nn.Sequential:
+    """The test model for inputs of ``X_SHAPE``; shapes in the comments."""
+    nn.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),  # (2, 3, 5, 4)
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),  # (2, 3, 4, 3)
+        nn.AvgPool2d((2, 1), padding=(1, 0)),  # (2, 3, 3, 3)
+        nn.Flatten(),  # (2, 27)
+        nn.Linear(27, 5),
+        nn.Sigmoid(),
+        nn.Linear(5, 4),
+        nn.Tanh(),
+        nn.Linear(4, NUM_CLASSES),  # (2, 3)
+    )
+
+
+def torch_model(torch):
+    """The same architecture in ``torch.nn``, layer for layer (so the state_dict keys match)."""
+    tnn = torch.nn
+    return tnn.Sequential(
+        tnn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2, stride=1),
+        tnn.AvgPool2d((2, 1), padding=(1, 0)),
+        tnn.Flatten(),
+        tnn.Linear(27, 5),
+        tnn.Sigmoid(),
+        tnn.Linear(5, 4),
+        tnn.Tanh(),
+        tnn.Linear(4, NUM_CLASSES),
+    )
+
+
+def random_state(seed=1) -> dict:
+    """Float64 parameters for ``make_model`` with non-zero biases and weights large enough to matter."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(tuple(value.shape)) for name, value in make_model().state_dict().items()}
+
+
+def model_input(seed=2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(X_SHAPE)
+
+
+def loss_and_grads(model, x, labels):
+    """Forward, loss, backward; return ``(loss, dx, {name: grad})`` as NumPy."""
+    loss_fn = nn.SoftmaxCrossEntropy()
+    loss = loss_fn.forward(model.forward(x), labels)
+    dx = model.backward(loss_fn.backward())
+    grads = {name: B.to_numpy(layer.grads[key]) for name, layer, key in model.named_parameters()}
+    return float(B.to_numpy(loss)), B.to_numpy(dx), grads
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.fixture(scope="module")
+def numeric_gradients():
+    """Central differences of the loss w.r.t. the input and every parameter (NumPy, float64)."""
+    state, x = random_state(), model_input()
+    model = make_model().to("numpy", "float64")
+    model.load_state_dict(state)
+    loss_fn = nn.SoftmaxCrossEntropy()
+
+    def loss_at(x_value):
+        return float(loss_fn.forward(model.forward(x_value), LABELS))
+
+    grads = {"input": numerical_grad(loss_at, x)}
+    for name, layer, key in model.named_parameters():
+        original = layer.params[key]
+
+        def loss_of_param(value, layer=layer, key=key):
+            layer.params[key] = value
+            return loss_at(x)
+
+        grads[name] = numerical_grad(loss_of_param, original)
+        layer.params[key] = original
+    return grads
+
+
+def test_model_gradients_match_central_differences(backend, numeric_gradients):
+    model = make_model().to(backend.xp, "float64")
+    model.load_state_dict(random_state())
+    _, dx, grads = loss_and_grads(model, backend.asarray(model_input()), backend.asarray(LABELS))
+    assert set(grads) == set(numeric_gradients) - {"input"}
+    assert_grad_close(dx, numeric_gradients["input"], "input")
+    for name, grad in grads.items():
+        assert grad.shape == numeric_gradients[name].shape, name
+        assert_grad_close(grad, numeric_gradients[name], name)
+
+
+def test_grads_are_overwritten_not_accumulated(backend):
+    model = make_model().to(backend.xp, "float64")
+    x, labels = backend.asarray(model_input()), backend.asarray(LABELS)
+    _, dx1, first = loss_and_grads(model, x, labels)
+    _, dx2, second = loss_and_grads(model, x, labels)
+    np.testing.assert_array_equal(dx1, dx2)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_eval_mode_backward_equals_train_mode(backend):
+    """Evaluation drops the cached im2col matrix; the backward recomputes it and agrees."""
+    x, labels = backend.asarray(model_input()), backend.asarray(LABELS)
+    train = make_model().to(backend.xp, "float64")
+    _, dx_train, g_train = loss_and_grads(train, x, labels)
+    evaluation = make_model().to(backend.xp, "float64").eval()
+    assert evaluation[0].training is False
+    _, dx_eval, g_eval = loss_and_grads(evaluation, x, labels)
+    np.testing.assert_allclose(dx_eval, dx_train, **tol("float64"))
+    for name in g_train:
+        np.testing.assert_allclose(g_eval[name], g_train[name], **tol("float64"), err_msg=name)
+
+
+def test_train_and_eval_switch_every_layer():
+    model = make_model()
+    assert model.eval() is model
+    assert not model.training and not any(layer.training for layer in model)
+    assert model.train() is model
+    assert model.training and all(layer.training for layer in model)
+
+
+# --------------------------------------------------------------------------- layers = ops
+
+
+def _layer_cases(rng):
+    """(layer, op call given the layer and x, input) for every layer, with non-default options."""
+    conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), rng=rng)
+    conv.params["bias"] = rng.standard_normal(3).astype(np.float32)
+    linear = nn.Linear(6, 4, rng=rng)
+    linear.params["bias"] = rng.standard_normal(4).astype(np.float32)
+    image = rng.standard_normal((2, 2, 6, 7)).astype(np.float32)
+    flat = rng.standard_normal((3, 6)).astype(np.float32)
+    return [
+        (conv, lambda x: ops.conv2d(x, conv.params["weight"], conv.params["bias"], (2, 1), (1, 2), (1, 2)), image),
+        (nn.Conv2d(2, 3, 3, bias=False, rng=rng), None, image),
+        (nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 1)), lambda x: ops.max_pool2d(x, (3, 2), (2, 1), (1, 1))[0], image),
+        (nn.AvgPool2d((3, 2), stride=(2, 1), padding=(1, 1)), lambda x: ops.avg_pool2d(x, (3, 2), (2, 1), (1, 1)), image),
+        (nn.MaxPool2d(3), lambda x: ops.max_pool2d(x, 3, 3, 0)[0], image),
+        (linear, lambda x: ops.linear(x, linear.params["weight"], linear.params["bias"]), flat),
+        (nn.ReLU(), ops.relu, image),
+        (nn.Sigmoid(), ops.sigmoid, image),
+        (nn.Tanh(), ops.tanh, image),
+        (nn.Flatten(), ops.flatten, image),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_layer_forward_is_its_op(backend, index):
+    layer, op, x_np = _layer_cases(np.random.default_rng(3))[index]
+    layer.to(backend.xp)
+    x = backend.asarray(x_np)
+    y = layer.forward(x)
+    if op is None:  # bias=False: the op without a bias
+        assert "bias" not in layer.params
+        op = lambda x: ops.conv2d(x, layer.params["weight"])  # noqa: E731
+    np.testing.assert_array_equal(B.to_numpy(y), B.to_numpy(op(x)))
+    dx = layer.backward(backend.asarray(np.ones(tuple(y.shape), dtype=np.float32)))
+    assert tuple(dx.shape) == tuple(x.shape)
+    for key, value in layer.params.items():
+        assert tuple(layer.grads[key].shape) == tuple(value.shape), key
+
+
+# --------------------------------------------------------------------------- the public contract
+
+
+def test_parameter_layout_is_torch_layout():
+    conv = nn.Conv2d(3, 8, (5, 2), stride=2, padding=1, dilation=2)
+    assert tuple(conv.params["weight"].shape) == (8, 3, 5, 2)
+    assert tuple(conv.params["bias"].shape) == (8,)
+    linear = nn.Linear(7, 4)
+    assert tuple(linear.params["weight"].shape) == (4, 7)
+    assert tuple(linear.params["bias"].shape) == (4,)
+    assert set(nn.Conv2d(1, 1, 1, bias=False).params) == {"weight"}
+    assert set(nn.Linear(1, 1, bias=False).params) == {"weight"}
+
+
+def test_parameter_layout_matches_torch(torch):
+    ours, theirs = make_model().state_dict(), torch_model(torch).state_dict()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert tuple(ours[name].shape) == tuple(theirs[name].shape), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_output_same_library_device_dtype_as_input(backend, dtype):
+    model = make_model().to(backend.xp, dtype)
+    for name, layer, key in model.named_parameters():
+        value = layer.params[key]
+        assert B.backend_name(value) == B.backend_name(backend.asarray(np.ones(1))), name
+        assert B.dtype_name(value) == dtype, name
+    x = backend.asarray(model_input(), dtype=dtype)
+    loss_fn = nn.SoftmaxCrossEntropy()
+    y = model.forward(x)
+    loss = loss_fn.forward(y, backend.asarray(LABELS))
+    dx = model.backward(loss_fn.backward())
+    for out in [y, loss, dx] + [layer.grads[key] for _, layer, key in model.named_parameters()]:
+        assert B.namespace(out) is backend.xp
+        assert B.device(out) == B.device(x)
+        assert out.dtype == x.dtype
+    assert tuple(y.shape) == (2, NUM_CLASSES) and tuple(loss.shape) == ()
+    assert tuple(dx.shape) == X_SHAPE
+
+
+def test_to_moves_and_casts_parameters(backend):
+    model = make_model()
+    reference = {name: B.to_numpy(value).copy() for name, value in model.state_dict().items()}
+    assert all(value.dtype == np.float32 for value in reference.values())  # initial weights are float32
+    model.forward(np.ones(X_SHAPE, dtype=np.float32))
+    model.backward(np.ones((2, NUM_CLASSES), dtype=np.float32))
+    assert model.to(backend.xp, "float64") is model
+    assert all(layer.grads == {} for layer in model)  # stale gradients of the old backend are dropped
+    for name, value in model.state_dict().items():
+        assert B.namespace(value) is backend.xp, name
+        assert B.dtype_name(value) == "float64", name
+        np.testing.assert_array_equal(B.to_numpy(value), reference[name], err_msg=name)
+    # Back to NumPy by name, keeping the dtype when none is given.
+    model.to("numpy")
+    for name, value in model.state_dict().items():
+        assert isinstance(value, np.ndarray) and value.dtype == np.float64, name
+        np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
+def test_to_by_name(torch):
+    model = make_model().to("torch", "float64")
+    assert all(isinstance(value, torch.Tensor) and value.dtype == torch.float64 for value in model.state_dict().values())
+    model.to("array_api_strict", "float32")
+    assert all(B.backend_name(value) == "array_api_strict" for value in model.state_dict().values())
+    assert all(B.dtype_name(value) == "float32" for value in model.state_dict().values())
+
+
+def test_state_dict_keys_follow_torch_sequential():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 1, bias=False), nn.Flatten(), nn.Linear(8, 2))
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "4.weight", "4.bias"]
+    assert [name for name, _, _ in model.named_parameters()] == list(model.state_dict())
+    assert model.state_dict()["4.weight"] is model[4].params["weight"]
+
+
+def test_sequential_rejects_non_layers():
+    with pytest.raises(TypeError, match=r"^Sequential: layer 1 must be a portable_cnn.nn.Module, got function"):
+        nn.Sequential(nn.ReLU(), lambda x: x)
+
+
+def test_load_state_dict_round_trip(backend):
+    """A state from one backend loads onto a model of another, taking that model's backend and dtype."""
+    source = make_model(seed=5).to("numpy", "float32")
+    target = make_model(seed=6).to(backend.xp, "float64")
+    assert any(not np.array_equal(B.to_numpy(a), B.to_numpy(b)) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    target.load_state_dict(source.state_dict())
+    for name, value in target.state_dict().items():
+        assert B.namespace(value) is backend.xp and B.dtype_name(value) == "float64", name
+        np.testing.assert_array_equal(B.to_numpy(value), source.state_dict()[name], err_msg=name)
+    # And back: the target's state reloaded into a fresh NumPy model gives the same logits.
+    again = make_model(seed=7).to("numpy", "float64")
+    again.load_state_dict(target.state_dict())
+    x = model_input()
+    np.testing.assert_allclose(B.to_numpy(target.forward(backend.asarray(x))), again.forward(x), **tol("float64"))
+
+
+def test_load_state_dict_copies_the_source():
+    model = make_model().to("numpy", "float64")
+    state = random_state()
+    model.load_state_dict(state)
+    state["0.weight"][...] = 0.0
+    assert np.all(model[0].params["weight"] != 0.0)
+
+
+def _snapshot(model):
+    return {name: B.to_numpy(value).copy() for name, value in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = _snapshot(model)
+    assert list(after) == list(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_load_state_dict_missing_key_changes_nothing():
+    model = make_model()
+    before = _snapshot(model)
+    state = random_state()
+    del state["7.bias"]
+    with pytest.raises(KeyError, match=r"missing keys \['7.bias'\], unexpected keys \[\]"):
+        model.load_state_dict(state)
+    _assert_unchanged(model, before)
+
+
+def test_load_state_dict_unexpected_key_changes_nothing():
+    model = make_model()
+    before = _snapshot(model)
+    state = random_state()
+    state["10.weight"] = np.ones((2, 2))
+    with pytest.raises(KeyError, match=r"missing keys \[\], unexpected keys \['10.weight'\]"):
+        model.load_state_dict(state)
+    _assert_unchanged(model, before)
+
+
+def test_load_state_dict_wrong_shape_changes_nothing():
+    """The bad key comes last: every earlier key was valid, and still none was loaded."""
+    model = make_model()
+    before = _snapshot(model)
+    state = random_state()
+    state["9.bias"] = np.zeros(4)
+    with pytest.raises(ValueError, match=r"9\.bias \(Linear\(in_features=4, out_features=3.*\)\) expected shape \(3,\), got \(4,\)"):
+        model.load_state_dict(state)
+    _assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def test_same_seed_same_initial_model_on_every_backend(backend):
+    reference = _snapshot(make_model(seed=11))
+    moved = make_model(seed=11).to(backend.xp)
+    for name, value in moved.state_dict().items():
+        np.testing.assert_array_equal(B.to_numpy(value), reference[name], err_msg=name)
+    different = _snapshot(make_model(seed=12))
+    assert not np.array_equal(different["0.weight"], reference["0.weight"])
+
+
+def test_rng_argument_seeds_a_layer_and_leaves_the_default_alone():
+    a = nn.Conv2d(2, 4, 3, rng=7).params["weight"]
+    b = nn.Conv2d(2, 4, 3, rng=np.random.default_rng(7)).params["weight"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, nn.Conv2d(2, 4, 3, rng=8).params["weight"])
+    nn.manual_seed(3)
+    first = nn.Linear(5, 5).params["weight"]
+    nn.manual_seed(3)
+    nn.Linear(5, 5, rng=1)  # draws from its own generator...
+    np.testing.assert_array_equal(nn.Linear(5, 5).params["weight"], first)  # ...not from the default one
+
+
+def test_initial_weights_are_he_normal_and_biases_zero():
+    conv = nn.Conv2d(16, 64, 3, rng=0)
+    w = conv.params["weight"]
+    assert w.dtype == np.float32
+    assert abs(float(np.std(w)) - np.sqrt(2.0 / (16 * 9))) < 0.1 * np.sqrt(2.0 / (16 * 9))
+    assert abs(float(np.mean(w))) < 0.01
+    np.testing.assert_array_equal(conv.params["bias"], np.zeros(64, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- weights set by hand
+
+
+@pytest.mark.parametrize(
+    "layer, key, shape, x_shape, message",
+    [
+        (lambda: nn.Conv2d(2, 3, (3, 2)), "weight", (3, 2, 2, 3), (1, 2, 5, 5), r"expected params\['weight'\] of shape \(3, 2, 3, 2\), got \(3, 2, 2, 3\)"),
+        (lambda: nn.Conv2d(2, 3, 3), "bias", (4,), (1, 2, 5, 5), r"expected params\['bias'\] of shape \(3,\), got \(4,\)"),
+        (lambda: nn.Linear(4, 3), "weight", (4, 3), (2, 4), r"expected params\['weight'\] of shape \(3, 4\), got \(4, 3\)"),
+        (lambda: nn.Linear(4, 3), "bias", (3, 1), (2, 4), r"expected params\['bias'\] of shape \(3,\), got \(3, 1\)"),
+    ],
+)
+def test_wrong_shaped_parameter_is_named_at_forward(layer, key, shape, x_shape, message):
+    layer = layer()
+    layer.params[key] = np.zeros(shape, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^" + type(layer).__name__ + r"\(.*: " + message):
+        layer.forward(np.ones(x_shape, dtype=np.float32))
+
+
+def test_setting_right_shaped_weights_loads_them():
+    conv = nn.Conv2d(1, 1, 2)
+    conv.params["weight"] = np.ones((1, 1, 2, 2), dtype=np.float32)
+    conv.params["bias"] = np.full(1, 0.5, dtype=np.float32)
+    y = conv.forward(np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3))
+    np.testing.assert_array_equal(y[0, 0], [[8.5, 12.5], [20.5, 24.5]])
+
+
+# --------------------------------------------------------------------------- the whole-model oracle
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_whole_model_against_torch(backend, torch, dtype):
+    """Our state_dict loads unchanged into torch.nn.Sequential; logits and every gradient agree."""
+    model = make_model().to("numpy", "float64")
+    model.load_state_dict(random_state())
+    model.to(backend.xp, dtype)
+    reference = torch_model(torch).to(getattr(torch, dtype))
+    reference.load_state_dict({name: torch.from_numpy(B.to_numpy(value)) for name, value in model.state_dict().items()})
+
+    x_np = model_input().astype(dtype)
+    x_t = torch.from_numpy(x_np.copy()).requires_grad_(True)
+    logits_t = reference(x_t)
+    loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(LABELS))
+    loss_t.backward()
+
+    loss_fn = nn.SoftmaxCrossEntropy()
+    logits = model.forward(backend.asarray(x_np))
+    loss = loss_fn.forward(logits, backend.asarray(LABELS))
+    dx = model.backward(loss_fn.backward())
+
+    tolerance = tol(dtype)
+    np.testing.assert_allclose(B.to_numpy(logits), logits_t.detach().numpy(), **tolerance)
+    np.testing.assert_allclose(float(B.to_numpy(loss)), loss_t.item(), **tolerance)
+    np.testing.assert_allclose(B.to_numpy(dx), x_t.grad.numpy(), **tolerance)
+    torch_grads = {name: p.grad.numpy() for name, p in reference.named_parameters()}
+    assert set(torch_grads) == {name for name, _, _ in model.named_parameters()}
+    for name, layer, key in model.named_parameters():
+        np.testing.assert_allclose(B.to_numpy(layer.grads[key]), torch_grads[name], **tolerance, err_msg=name)
+
+
+def test_torch_trained_weights_load_into_ours(torch):
+    """The other direction: a torch state_dict (via NumPy) loads into our model and gives torch's logits."""
+    torch.manual_seed(0)
+    reference = torch_model(torch).double()
+    model = make_model().to("numpy", "float64")
+    model.load_state_dict({name: value.detach().numpy() for name, value in reference.state_dict().items()})
+    x = model_input()
+    np.testing.assert_allclose(model.forward(x), reference(torch.from_numpy(x)).detach().numpy(), **tol("float64"))
