@@ -49,6 +49,8 @@ __all__ = [
     "synchronize",
     "cupy_status",
     "random_uniform",
+    "set_tf32",
+    "tf32_enabled",
 ]
 
 BACKENDS = ("numpy", "cupy", "torch", "array_api_strict")
@@ -345,7 +347,9 @@ def random_uniform(xp: ModuleType, shape, rng, *, dtype=None, device=None):
         return rng.random(shape, dtype=np.dtype(name))
     if is_cupy(xp):
         cupy = importlib.import_module("cupy")
-        seed = int(rng.integers(2**63))
+        # A NumPy uint64: CuPy checks the seed with a "safe" cast to uint64, which
+        # NumPy 2 refuses for a Python int (int64).
+        seed = np.uint64(rng.integers(2**63))
         # Philox is counter based: seeding it per call costs nothing, unlike XORWOW.
         method = cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
         if device is None:
@@ -360,3 +364,51 @@ def random_uniform(xp: ModuleType, shape, rng, *, dtype=None, device=None):
         return torch.rand(shape, generator=generator, dtype=getattr(torch, name), device=device)
     out = rng.random(shape, dtype=np.dtype(name))
     return xp.asarray(out) if device is None else xp.asarray(out, device=device)
+
+
+# COMPUTE_TYPE_DEFAULT and COMPUTE_TYPE_TF32 of cupy._core._routines_linalg (private), if it stops exporting them.
+_CUPY_DEFAULT_COMPUTE, _CUPY_TF32 = 1, 7
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow (``True``) or forbid (``False``) TF32 in CuPy's float32 matrix products.
+
+    TF32 tensor cores round the GEMM inputs to 10 mantissa bits: several times
+    faster on Ampere and later GPUs, but results then differ from the CPU's by
+    about 1e-3 relative instead of float32's 1e-6. It is off unless asked for
+    (CuPy's default, unless ``CUPY_TF32=1`` is set in the environment), so GPU
+    results agree with NumPy within the float32 tolerances.
+
+    CuPy reads the ``CUPY_TF32`` environment variable at its first float32
+    GEMM; this sets the variable and, when CuPy is already imported, its
+    compute type for float32 directly, so it takes effect either way. It does
+    not import CuPy, and it does not touch PyTorch (whose switch is
+    ``torch.backends.cuda.matmul``). Float64 is never affected.
+
+    >>> import os
+    >>> set_tf32(False); os.environ["CUPY_TF32"], tf32_enabled()
+    ('0', False)
+    """
+    import os
+    import sys
+
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    if sys.modules.get("cupy") is not None:  # imported (None marks an import that failed)
+        linalg = importlib.import_module("cupy._core._routines_linalg")
+        tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", _CUPY_TF32)
+        default = getattr(linalg, "COMPUTE_TYPE_DEFAULT", _CUPY_DEFAULT_COMPUTE)
+        linalg.set_compute_type(np.float32, tf32 if enabled else default)
+
+
+def tf32_enabled() -> bool:
+    """Whether CuPy's float32 matrix products may use TF32 (see :func:`set_tf32`)."""
+    import os
+    import sys
+
+    if sys.modules.get("cupy") is not None:  # imported (None marks an import that failed)
+        linalg = importlib.import_module("cupy._core._routines_linalg")
+        return linalg.get_compute_type(np.float32) == getattr(linalg, "COMPUTE_TYPE_TF32", _CUPY_TF32)
+    try:
+        return int(os.environ.get("CUPY_TF32", "0")) > 0  # as CuPy reads it
+    except ValueError:
+        return False

@@ -216,8 +216,8 @@ def load_digits(test_fraction: float = 0.2, seed=0, *, stratify: bool = True) ->
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as exc:
         raise ImportError(
-            "load_digits needs scikit-learn, which is not installed; install it "
-            "with `pip install scikit-learn` or `pip install 'portable-cnn[data]'`"
+            "load_digits needs scikit-learn (a dependency of portable-cnn), which is "
+            "not installed; install it with `pip install scikit-learn`"
         ) from exc
     bunch = _sk_load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
@@ -580,14 +580,20 @@ def load_npz(path, test_fraction: float = 0.2, seed=0, *, stratify: bool = True)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as exc:  # np.load raises a zoo of types for bad files
-        raise ValueError(f"{path}: cannot read as .npz: {exc}") from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected a .npz archive, got a single .npy array")
-    # Context manager: NpzFile keeps the zip open, and leaking it raises a
-    # ResourceWarning (an error under `-W error`).
+    # We open the file ourselves: np.load leaks its own handle when a file
+    # that starts like a zip archive turns out to be corrupt.
+    with open(path, "rb") as handle:
+        try:
+            npz = np.load(handle, allow_pickle=False)
+        except Exception as exc:  # np.load raises a zoo of types for bad files
+            raise ValueError(f"{path}: cannot read as .npz: {exc}") from exc
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: expected a .npz archive, got a single .npy array")
+        return _dataset_from_npz(npz, path, test_fraction, seed, stratify)
+
+
+def _dataset_from_npz(npz, path, test_fraction, seed, stratify):
+    """The body of :func:`load_npz`, on an open archive."""
     with npz:
         keys = set(npz.files)
         missing = {"x", "y"} - keys

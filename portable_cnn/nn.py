@@ -149,6 +149,7 @@ class Conv2d(Module):
         if bias:
             self.params["bias"] = np.zeros(self.out_channels, dtype=np.float32)
         self._cache = None
+        self._workspace = {}  # scratch buffers the op reuses from step to step
 
     def _param_shapes(self):
         return {"weight": (self.out_channels, self.in_channels) + self.kernel_size, "bias": (self.out_channels,)}
@@ -163,7 +164,7 @@ class Conv2d(Module):
         self._check_param_shapes()
         y, cols = ops.conv2d(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation,
-            return_cols=True, where=repr(self),
+            return_cols=True, workspace=self._workspace, where=repr(self),
         )
         # Training keeps the im2col matrix for dW; evaluation keeps only x.
         self._cache = (x, cols if self.training else None)
@@ -173,7 +174,8 @@ class Conv2d(Module):
         x, cols = self._cache
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation,
-            cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad, where=repr(self),
+            cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,
+            workspace=self._workspace, where=repr(self),
         )
         if db is not None:
             self.grads["bias"] = db
@@ -498,7 +500,7 @@ class Dropout(Module):
     True
     """
 
-    def __init__(self, p=0.5, *, rng=None):
+    def __init__(self, p=0.5, rng=None):
         super().__init__()
         self.p = check_probability(p, "Dropout")
         self.rng = None if rng is None else _generator(rng)

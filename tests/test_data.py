@@ -654,7 +654,7 @@ def test_digits_seeded_split(digits):
 
 def test_digits_without_sklearn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(ImportError, match=r"pip install scikit-learn.*portable-cnn\[data\]"):
+    with pytest.raises(ImportError, match=r"needs scikit-learn.*pip install scikit-learn"):
         load_digits()
 
 
@@ -861,3 +861,11 @@ def test_minibatches_batch_size_type_and_length_mismatch():
     assert len(list(iterate_minibatches(x, y, np.int64(2), shuffle=False))) == 3
     with pytest.raises(ValueError, match=r"x has 5 samples but y has 4"):
         iterate_minibatches(x, y[:4], 2)
+
+
+def test_npz_that_looks_like_a_zip_but_is_corrupt_names_the_file(tmp_path):
+    """A file starting with the zip magic but broken gives our error (and leaks no handle)."""
+    path = tmp_path / "broken.npz"
+    path.write_bytes(b"PK\x03\x04" + b"garbage" * 20)
+    with pytest.raises(ValueError, match=r"broken\.npz: cannot read as \.npz"):
+        load_npz(path)

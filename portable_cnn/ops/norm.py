@@ -48,9 +48,15 @@ def _check(x, weight, bias, running_mean, running_var, where):
     check_ndim(x, 4, "(N, C, H, W)", where)
     check_float(x, where)
     C = x.shape[1]
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if v is None:
-            continue
+    stats = [(n, v) for n, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)) if v is not None]
+    if stats and stats[0][1].ndim == 1 and stats[0][1].shape[0] != C:
+        # The layer's size is fixed, the input is what a user got wrong: say it that way round.
+        name, v = stats[0]
+        raise ValueError(
+            f"{where}: expected input with {v.shape[0]} channels ({name} shape {tuple(v.shape)}), "
+            f"got {C} channels (input shape {tuple(x.shape)})"
+        )
+    for name, v in stats:
         if tuple(v.shape) != (C,):
             raise ValueError(f"{where}: expected {name} of shape ({C},) for an input with {C} channels, got {tuple(v.shape)}")
         if v.dtype != x.dtype:

@@ -1,0 +1,563 @@
+"""The training loop: mini-batches in, evaluated epochs and checkpoints out.
+
+:class:`Trainer` runs epochs of SGD-style training on any backend. Data stays
+on the host (NumPy) and each mini-batch goes to the device in one transfer
+(:func:`portable_cnn.backend.asarray` of the whole batch). The loss stays on
+the device too: it is read back only every ``log_every`` steps and at the end
+of an epoch, because on a GPU every read is a synchronisation that stalls the
+queue of kernels. The labels are checked once, on the host, before training,
+so the loss runs with ``validate=False`` and costs no read-back of its own.
+
+Training can stop three ways, each leaving a usable checkpoint:
+
+* it reaches the target epoch (a checkpoint after every epoch);
+* Ctrl-C: the step in progress finishes, a checkpoint of the exact position
+  (down to the batch within the epoch) is written and
+  :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; resuming
+  from it continues the same run;
+* a non-finite loss: :class:`NonFiniteLossError` names the epoch and step,
+  and no checkpoint is written over the last good one.
+
+>>> from portable_cnn import data, models, optim
+>>> ds = data.load_digits().normalized()
+>>> model = models.build_model("digits", in_channels=1, num_classes=10, input_size=8)
+>>> trainer = Trainer(model, optim.SGD(model, lr=0.05, momentum=0.9), ds, batch_size=32)
+>>> history = trainer.fit(epochs=1)
+>>> history[-1].test_accuracy > 0.8
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, nn, ops
+from .checkpoint import Checkpoint, generator_state, save_checkpoint
+from .data import iterate_minibatches
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "EpochResult",
+    "EvalResult",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainingInterrupted",
+    "build_optimizer",
+    "build_scheduler",
+    "check_labels",
+    "evaluate",
+]
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("none", "step", "cosine")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; ``epoch`` and ``step`` say where (1-based)."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint_path: Path | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint_path = epoch, step, checkpoint_path
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised by the loop itself after a deferred Ctrl-C, at a step boundary."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``checkpoint_path`` holds the position to resume from (or is ``None``)."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint_path: Path | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint_path = epoch, step, checkpoint_path
+
+
+def build_optimizer(model, config: dict):
+    """An optimizer from a config dict such as ``optimizer.config()`` returns.
+
+    ``config["name"]`` is ``"sgd"`` or ``"adam"``; the other entries are the
+    constructor's keyword arguments.
+
+    >>> from portable_cnn import models
+    >>> model = models.build_model("digits", in_channels=1, num_classes=10, input_size=8)
+    >>> build_optimizer(model, {"name": "adam", "lr": 0.001}).config()["name"]
+    'adam'
+    """
+    from . import optim
+
+    kwargs = dict(config)
+    name = kwargs.pop("name", None)
+    if "betas" in kwargs:  # JSON turns the tuple into a list
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if name == "sgd":
+        return optim.SGD(model, **kwargs)
+    if name == "adam":
+        return optim.Adam(model, **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(map(repr, OPTIMIZERS))}")
+
+
+def build_scheduler(optimizer, config: dict | None):
+    """A learning-rate schedule from ``{"name": "none"|"step"|"cosine", ...}``; ``None`` for none.
+
+    ``"step"`` takes ``step_size`` and ``gamma`` (:class:`portable_cnn.optim.StepLR`),
+    ``"cosine"`` takes ``T_max`` and ``eta_min`` (:class:`portable_cnn.optim.CosineAnnealingLR`).
+    """
+    from . import optim
+
+    if config is None or config.get("name", "none") == "none":
+        return None
+    kwargs = {k: v for k, v in config.items() if k not in ("name", "last_epoch")}
+    if config["name"] == "step":
+        return optim.StepLR(optimizer, **kwargs)
+    if config["name"] == "cosine":
+        return optim.CosineAnnealingLR(optimizer, **kwargs)
+    raise ValueError(f"unknown schedule {config['name']!r}; choose one of {', '.join(map(repr, SCHEDULES))}")
+
+
+def check_labels(y: np.ndarray, num_classes: int, where: str = "labels") -> None:
+    """Refuse labels outside ``[0, num_classes)`` on the host, once, before any device work.
+
+    >>> check_labels(np.array([0, 3, 10]), 10, "test labels")
+    Traceback (most recent call last):
+    ...
+    ValueError: test labels: expected integer class labels in [0, 10), got values from 0 to 10
+    """
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"{where}: expected integer class labels, got {y.dtype}")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{where}: expected integer class labels in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}"
+        )
+
+
+def _model_array(model):
+    """One parameter of ``model``: its namespace, device and dtype are the model's."""
+    for _, layer, key in model.named_parameters():
+        return layer.params[key]
+    raise ValueError(f"{type(model).__name__}: the model has no parameters to train")
+
+
+@dataclass
+class EvalResult:
+    """Mean loss and accuracy (a fraction) over ``total`` samples."""
+
+    loss: float
+    accuracy: float
+    correct: int
+    total: int
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> EvalResult:
+    """Loss and accuracy of ``model`` on host data, in evaluation mode, batch by batch.
+
+    Each batch goes to the model's device once; the sums stay on the device
+    and come back in one read at the end. The model's mode is restored.
+
+    Parameters
+    ----------
+    model : portable_cnn.nn.Sequential
+        Maps ``(N, C, H, W)`` to logits ``(N, num_classes)``.
+    x : numpy.ndarray
+        Images ``(N, C, H, W)`` (already normalised as for training).
+    y : numpy.ndarray
+        Integer labels ``(N,)``.
+    batch_size : int, default 256
+    """
+    if len(y) == 0:
+        raise ValueError("evaluate: no samples to evaluate")
+    param = _model_array(model)
+    xp, dev, dtype = backend.namespace(param), backend.device(param), backend.dtype_name(param)
+    was_training = model.training
+    model.eval()
+    total_loss = correct = None
+    try:
+        for xb, yb in iterate_minibatches(x, y, batch_size, shuffle=False):
+            xd = backend.asarray(xb, xp, dtype=dtype, device=dev)
+            yd = backend.asarray(yb, xp, device=dev)
+            logits = model.forward(xd)
+            if total_loss is None:
+                check_labels(y, int(logits.shape[1]), "evaluate: labels")
+            loss, _ = ops.softmax_cross_entropy(logits, yd, validate=False, where="evaluate")
+            batch_loss = loss * float(len(yb))
+            batch_correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
+            total_loss = batch_loss if total_loss is None else total_loss + batch_loss
+            correct = batch_correct if correct is None else correct + batch_correct
+        # One read-back for both sums.
+        sums = backend.to_numpy(xp.stack([total_loss, xp.astype(correct, total_loss.dtype)]))
+    finally:
+        model.train(was_training)
+    n = len(y)
+    return EvalResult(loss=float(sums[0]) / n, accuracy=float(sums[1]) / n, correct=int(round(float(sums[1]))), total=n)
+
+
+@dataclass
+class EpochResult:
+    """What one epoch did; :meth:`as_dict` is the ``--log-json`` line."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    images_per_s: float
+    lr: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Trainer:
+    """Train a model on a :class:`portable_cnn.data.Dataset`, with checkpoints.
+
+    Parameters
+    ----------
+    model : portable_cnn.nn.Sequential
+        Already on its backend and dtype (``model.to(...)``); batches follow it.
+    optimizer : portable_cnn.optim.SGD or portable_cnn.optim.Adam
+    dataset : portable_cnn.data.Dataset
+        Host data, normalised by the caller (:func:`portable_cnn.data.normalize`).
+    scheduler : optional
+        Stepped once at the end of every epoch; ``scheduler_config`` (the dict
+        :func:`build_scheduler` takes) is stored in checkpoints.
+    batch_size : int, default 32
+    seed : int, default 0
+        Seeds the shuffling generator (its own stream, independent of the
+        weight initialisation).
+    log_every : int, default 10
+        Read the loss back to the host (and check it is finite) every this
+        many steps, and at the end of each epoch.
+    eval_batch_size : int, default 256
+    checkpoint_path : path, optional
+        Written after every epoch.
+    interrupt_path : path, optional
+        Where Ctrl-C saves; defaults to ``checkpoint_path``.
+    model_config, data_config, train_config : dict, optional
+        Stored in checkpoints (see :mod:`portable_cnn.checkpoint`);
+        ``model_config`` is needed to save one.
+    progress : bool, default False
+        A ``tqdm`` bar per epoch with loss, accuracy and images/s.
+    log_json : path or file, optional
+        One JSON line per epoch (:meth:`EpochResult.as_dict`).
+    echo : callable, optional
+        Called with a one-line summary after every epoch (``print``).
+    on_step : callable, optional
+        Called as ``on_step(trainer)`` after every optimizer step.
+    """
+
+    def __init__(self, model, optimizer, dataset, *, scheduler=None, scheduler_config=None, batch_size=32, seed=0,
+                 log_every=10, eval_batch_size=256, checkpoint_path=None, interrupt_path=None, model_config=None,
+                 data_config=None, train_config=None, progress=False, log_json=None, echo=None, on_step=None):
+        for name, value in (("batch_size", batch_size), ("log_every", log_every), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Trainer: {name} must be a positive int, got {value!r}")
+        if (checkpoint_path is not None or interrupt_path is not None) and model_config is None:
+            raise ValueError("Trainer: saving checkpoints needs model_config (the model's name and constructor arguments)")
+        self.model, self.optimizer, self.dataset = model, optimizer, dataset
+        self.scheduler = scheduler
+        self.scheduler_config = scheduler_config if scheduler is not None else {"name": "none"}
+        self.batch_size, self.log_every, self.eval_batch_size = batch_size, log_every, eval_batch_size
+        self.seed = seed
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.interrupt_path = Path(interrupt_path) if interrupt_path is not None else self.checkpoint_path
+        self.model_config, self.data_config = model_config, dict(data_config or {})
+        self.train_config = dict(train_config or {})
+        self.progress, self.echo, self.on_step = progress, echo, on_step
+        self.log_json = log_json
+
+        param = _model_array(model)
+        self.xp, self.device, self.dtype = backend.namespace(param), backend.device(param), backend.dtype_name(param)
+        self.loss_fn = nn.SoftmaxCrossEntropy(validate=False)
+        # The shuffling stream: spawned from the seed so that it differs from
+        # the stream the weights were initialised from with the same seed.
+        self.shuffle_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+        self.epoch = 0            # completed epochs
+        self.step = 0             # optimizer steps so far
+        self.batch_in_epoch = 0   # batches done in the current epoch
+        self._epoch_start_state = None  # shuffle_rng state before this epoch's permutation
+        self._pending = []        # (loss, correct, batch size, step) not yet read back
+        self._sums = [0.0, 0.0, 0]  # this epoch's read-back loss*n, correct, n
+        self._stop_requested = False
+        self.last_saved: tuple[Path, int] | None = None
+        self.history: list[EpochResult] = []
+
+        check_labels(dataset.y_train, dataset.num_classes, f"dataset {dataset.name!r}: y_train")
+        check_labels(dataset.y_test, dataset.num_classes, f"dataset {dataset.name!r}: y_test")
+        if len(dataset.y_train) == 0:
+            raise ValueError(f"dataset {dataset.name!r} has no training samples")
+
+    # ------------------------------------------------------------------ state
+
+    def _generators(self) -> dict:
+        """Generators the model draws from (Dropout), by ``"<layer>.<attribute>"``."""
+        found = {}
+        for i, layer in enumerate(getattr(self.model, "layers", [self.model])):
+            for attr, value in vars(layer).items():
+                if isinstance(value, np.random.Generator):
+                    found[f"{i}.{attr}"] = value
+        return found
+
+    def _uses_default_generator(self) -> bool:
+        """True when a layer (a Dropout built without ``rng=``) draws from nn's default generator."""
+        return any(hasattr(layer, "rng") and layer.rng is None for layer in getattr(self.model, "layers", [self.model]))
+
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot of the run as it stands (arrays copied to the host)."""
+        rng = {
+            "shuffle": generator_state(self.shuffle_rng),
+            "layers": {k: generator_state(g) for k, g in self._generators().items()},
+        }
+        if self._uses_default_generator():
+            rng["nn_default"] = generator_state(nn._generator(None))
+        if self._epoch_start_state is not None:
+            rng["shuffle_epoch_start"] = self._epoch_start_state
+        scheduler = dict(self.scheduler_config)
+        if self.scheduler is not None:
+            scheduler.update(self.scheduler.state_dict())
+        train = dict(self.train_config, batch_size=self.batch_size, seed=self.seed, dtype=self.dtype,
+                     log_every=self.log_every, lr=float(self.optimizer.lr))
+        metrics = self.history[-1].as_dict() if self.history else {}
+        return Checkpoint.capture(
+            self.model, model_config=self.model_config, optimizer=self.optimizer, scheduler=scheduler,
+            data=self.data_config, train=train, rng=rng, metrics=metrics,
+            epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
+        )
+
+    def save(self, path=None) -> Path:
+        """Write a checkpoint (atomically) to ``path`` or ``checkpoint_path``."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("Trainer.save: no path given and no checkpoint_path set")
+        save_checkpoint(path, self.checkpoint())
+        self.last_saved = (path, self.epoch)
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue the run saved in ``ckpt``: weights, optimizer, schedule, position and generators.
+
+        The optimizer and scheduler must have been built with the run's
+        initial settings (the learning rate the schedule starts from); the
+        current learning rate comes from the checkpoint.
+        """
+        ckpt.load_into(self.model, self.optimizer)
+        self.epoch, self.step, self.batch_in_epoch = ckpt.epoch, ckpt.step, ckpt.batch_in_epoch
+        rng = ckpt.rng
+        if "shuffle" in rng:
+            self.shuffle_rng.bit_generator.state = rng["shuffle"]
+        self._epoch_start_state = rng.get("shuffle_epoch_start") if self.batch_in_epoch else None
+        if self.batch_in_epoch and self._epoch_start_state is None:
+            raise ValueError(f"{ckpt._where()}: stopped inside epoch {ckpt.epoch + 1} but holds no shuffle state to resume it")
+        generators = self._generators()
+        for name, state in rng.get("layers", {}).items():
+            if name in generators:
+                generators[name].bit_generator.state = state
+        if "nn_default" in rng and self._uses_default_generator():
+            nn._generator(None).bit_generator.state = rng["nn_default"]
+        if self.scheduler is not None and ckpt.scheduler and "last_epoch" in ckpt.scheduler:
+            # Sets the learning rate for that epoch too (a resumed cosine run
+            # given a new total follows the new curve from here).
+            self.scheduler.load_state_dict({"last_epoch": ckpt.scheduler["last_epoch"]})
+        elif "lr" in ckpt.train:
+            self.optimizer.lr = ckpt.train["lr"]
+        if ckpt.metrics and all(k in ckpt.metrics for k in EpochResult.__dataclass_fields__):
+            self.history.append(EpochResult(**{k: ckpt.metrics[k] for k in EpochResult.__dataclass_fields__}))
+        self.last_saved = (ckpt.path, ckpt.epoch) if ckpt.path is not None else None
+
+    # --------------------------------------------------------------- training
+
+    def fit(self, epochs: int) -> list[EpochResult]:
+        """Train until ``epochs`` epochs in total are done (a resumed run counts its earlier ones).
+
+        Returns the results of the epochs run by this call. NumPy's overflow
+        and invalid-value warnings are silenced meanwhile: the loop checks
+        the loss itself and stops with a message naming the step.
+
+        Raises
+        ------
+        NonFiniteLossError
+            The loss became NaN or infinite (no checkpoint is written).
+        TrainingInterrupted
+            Ctrl-C; a checkpoint was written to ``interrupt_path`` first.
+        """
+        results = []
+        with self._sigint_deferred(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                while self.epoch < epochs:
+                    results.append(self._run_epoch(epochs))
+            except KeyboardInterrupt as exc:
+                if self._stop_requested and not isinstance(exc, _StopRequested):
+                    raise  # a second Ctrl-C: abort now, without saving
+                self._read_back()  # a non-finite loss wins over the interrupt: nothing to save then
+                path = self.save(self.interrupt_path) if self.interrupt_path is not None else None
+                where = f"epoch {self.epoch + 1}, step {self.step} (batch {self.batch_in_epoch} of the epoch)"
+                saved = f"checkpoint saved to {path}" if path is not None else "no checkpoint path was set, nothing saved"
+                raise TrainingInterrupted(f"interrupted at {where}; {saved}", epoch=self.epoch + 1, step=self.step,
+                                          checkpoint_path=path) from None
+        return results
+
+    @contextmanager
+    def _sigint_deferred(self):
+        """Turn the first Ctrl-C into a request to stop after the current step (a second one aborts at once).
+
+        Stopping between steps keeps the parameters and the optimizer state
+        consistent for the checkpoint.
+        """
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+        self._stop_requested = False
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _run_epoch(self, epochs: int) -> EpochResult:
+        ds, xp, dev = self.dataset, self.xp, self.device
+        n_batches = -(-len(ds.y_train) // self.batch_size)
+        skip = self.batch_in_epoch
+        if skip:
+            # Resuming inside an epoch: redraw the same permutation and skip what was done.
+            self.shuffle_rng.bit_generator.state = self._epoch_start_state
+        else:
+            self._epoch_start_state = generator_state(self.shuffle_rng)
+            self._sums = [0.0, 0.0, 0]
+        batches = iterate_minibatches(ds.x_train, ds.y_train, self.batch_size, shuffle=True, rng=self.shuffle_rng)
+        lr = float(self.optimizer.lr)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}", unit="batch",
+                       leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
+        images = 0
+        start = time.perf_counter()
+        try:
+            for xb, yb in islice(batches, skip, None):
+                xd = backend.asarray(xb, xp, dtype=self.dtype, device=dev)  # one transfer per batch
+                yd = backend.asarray(yb, xp, device=dev)
+                logits = self.model.forward(xd)
+                if logits.shape[1] != ds.num_classes:
+                    raise ValueError(
+                        f"Trainer: the model gives {logits.shape[1]} logits per sample but dataset "
+                        f"{ds.name!r} has {ds.num_classes} classes"
+                    )
+                loss = self.loss_fn.forward(logits, yd)
+                self.model.backward(self.loss_fn.backward())
+                self.optimizer.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                images += len(yb)
+                correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
+                self._pending.append((loss, correct, len(yb), self.step))
+                if len(self._pending) >= self.log_every:
+                    self._read_back()
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(images, start), refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self._stop_requested:
+                    raise _StopRequested
+            self._read_back()  # also waits for the device, so the clock below is honest
+            seconds = time.perf_counter() - start
+        finally:
+            if bar is not None:
+                bar.close()
+        test = evaluate(self.model, ds.x_test, ds.y_test, batch_size=self.eval_batch_size)
+        loss_sum, correct_sum, seen = self._sums
+        result = EpochResult(
+            epoch=self.epoch + 1, step=self.step,
+            train_loss=loss_sum / seen if seen else math.nan,
+            train_accuracy=correct_sum / seen if seen else math.nan,
+            test_loss=test.loss, test_accuracy=test.accuracy,
+            images_per_s=images / seconds if seconds > 0 and images else math.nan,
+            lr=lr, seconds=seconds,
+        )
+        if self._stop_requested:
+            raise _StopRequested
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._epoch_start_state = None
+        self.history.append(result)
+        if self.checkpoint_path is not None:
+            self.save()
+        self._log(result, epochs)
+        return result
+
+    def _read_back(self) -> None:
+        """Bring the pending losses to the host in one transfer and stop on the first non-finite one."""
+        if not self._pending:
+            return
+        xp = self.xp
+        losses = xp.stack([p[0] for p in self._pending])  # (k,)
+        corrects = xp.astype(xp.stack([p[1] for p in self._pending]), losses.dtype)  # (k,)
+        host = backend.to_numpy(xp.stack([losses, corrects]))  # (2, k)
+        pending, self._pending = self._pending, []
+        finite = np.isfinite(host[0])
+        if not finite.all():
+            i = int(np.argmin(finite))
+            step = pending[i][3]
+            batch = self.batch_in_epoch - (len(pending) - 1 - i)
+            if self.last_saved is not None:
+                kept = f"the last good checkpoint, {self.last_saved[0]} (after epoch {self.last_saved[1]}), is kept"
+            else:
+                kept = "no checkpoint had been written yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({host[0][i]}) at epoch {self.epoch + 1}, step {step} "
+                f"(batch {batch} of the epoch, learning rate {self.optimizer.lr:g}); training stopped and "
+                f"{kept}. A lower learning rate usually helps.",
+                epoch=self.epoch + 1, step=step, checkpoint_path=self.last_saved[0] if self.last_saved else None,
+            )
+        sizes = np.array([p[2] for p in pending], dtype=np.float64)
+        self._sums[0] += float(np.dot(host[0].astype(np.float64), sizes))
+        self._sums[1] += float(host[1].sum())
+        self._sums[2] += int(sizes.sum())
+
+    def _postfix(self, images: int, start: float) -> dict:
+        loss_sum, correct_sum, seen = self._sums
+        elapsed = time.perf_counter() - start
+        return {
+            "loss": f"{loss_sum / seen:.4f}" if seen else "?",
+            "acc": f"{correct_sum / seen:.1%}" if seen else "?",
+            "img/s": f"{images / elapsed:.0f}" if elapsed > 0 else "?",
+        }
+
+    def _log(self, result: EpochResult, epochs: int) -> None:
+        if self.log_json is not None:
+            line = json.dumps(result.as_dict()) + "\n"
+            if hasattr(self.log_json, "write"):
+                self.log_json.write(line)
+                self.log_json.flush()
+            else:
+                with open(self.log_json, "a", encoding="utf-8") as f:
+                    f.write(line)
+        if self.echo is not None:
+            self.echo(
+                f"epoch {result.epoch}/{epochs}  loss {result.train_loss:.4f}  train acc {result.train_accuracy:.2%}  "
+                f"test loss {result.test_loss:.4f}  test acc {result.test_accuracy:.2%}  "
+                f"{result.images_per_s:,.0f} img/s  {result.seconds:.1f} s"
+            )
