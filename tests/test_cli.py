@@ -287,3 +287,12 @@ def test_a_checkpoint_without_a_run_record_cannot_be_resumed(tmp_path, capsys):
         model, model_config={"name": "digits", "in_channels": 1, "num_classes": 10, "input_size": [8, 8]}))
     code, out, err = run(capsys, "--resume", str(path), "--backend", "numpy")
     assert code == 2 and "cannot continue a run" in err
+
+
+def test_tf32_flag_switches_tf32_on_and_its_absence_keeps_it_off(monkeypatch, capsys):
+    monkeypatch.setenv("CUPY_TF32", "0")
+    code, out, _ = run(capsys, *FAST, "--tf32")
+    assert code == 0 and "TF32 on" in out and "no effect on the CPU" in out
+    assert B.tf32_enabled()
+    assert run(capsys, *FAST, "--quiet")[0] == 0
+    assert not B.tf32_enabled()

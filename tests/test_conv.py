@@ -421,3 +421,25 @@ def test_dw_equals_input_correlated_with_dy(cfg):
     expected = correlated[:, :, : cfg.R, : cfg.S].transpose(1, 0, 2, 3)  # (K, C, R, S)
     np.testing.assert_allclose(dw, expected, **tol("float64"))
     np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), **tol("float64"))
+
+
+@settings(max_examples=10, deadline=None)
+@given(cfg=conv_configs(max_hw=6, max_nck=3))
+@_corner_cases
+def test_conv2d_workspace_reuse_changes_no_result(cfg):
+    """Sections 3-5: buffers reused from call to call (a layer's workspace) give fresh-buffer results.
+
+    The second call sees buffers the first call filled (a zero border that
+    must stay zero, columns that must be overwritten), with other inputs.
+    """
+    workspace = {}
+    for seed_offset in (0, 7):
+        x, w, b, dy = cfg._replace(seed=cfg.seed + seed_offset).arrays()
+        y, cols = conv2d(x, w, b, return_cols=True, workspace=workspace, **cfg.options)
+        dx, dw, db = conv2d_backward(dy, x, w, cols=cols, workspace=workspace, **cfg.options)
+        y_ref = conv2d(x, w, b, **cfg.options)
+        dx_ref, dw_ref, db_ref = conv2d_backward(dy, x, w, **cfg.options)
+        for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+            np.testing.assert_allclose(got, want, **tol("float64"))
+    if cfg.a or cfg.b:
+        assert any(key.endswith(".pad") for key in workspace), "the padded input should live in the workspace"

@@ -29,7 +29,9 @@ import os
 import numpy as np
 
 from .. import backend
+from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
+from ._parallel import parallel_copy
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
 __all__ = [
@@ -89,6 +91,8 @@ def im2col(x, kernel_size, stride=1, padding=0, dilation=1):
     xp = backend.namespace(x)
     if backend.is_numpy(xp):
         return _im2col_numpy(x, R, S, u, v, a, b, dh, dw, P, Q)
+    if backend.is_cupy(xp) and _cupy.supports(x.dtype):
+        return _cupy.im2col(x, R, S, u, v, a, b, dh, dw, P, Q)  # one kernel, same layout
     xpad = pad2d(x, a, b)  # (N, C, H+2a, W+2b)
     taps = [xpad[index] for index in tap_slices(R, S, u, v, dh, dw, P, Q)]  # R*S x (N, C, P, Q)
     cols = xp.stack(taps, axis=-1)  # (N, C, P, Q, R*S)
@@ -128,6 +132,8 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, dilation=1):
     geometry = conv2d_geometry(x_shape, (1, C, R, S), stride, padding, dilation, "col2im")
     u, v, a, b, dh, dw, P, Q = geometry[7:]
     xp = backend.namespace(cols)
+    if backend.is_cupy(xp) and _cupy.supports(cols.dtype):
+        return _cupy.col2im(cols, x_shape, R, S, u, v, a, b, dh, dw, P, Q)  # a gather: no atomics, deterministic
     cols = xp.reshape(cols, (N, P, Q, C, R * S))  # (N, P, Q, C, R*S)
     if backend.is_numpy(xp):
         return _col2im_numpy(cols, x_shape, R, S, u, v, a, b, dh, dw, P, Q)
@@ -202,7 +208,10 @@ def _check_conv_args(x, weight, bias, where):
     return xp
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols=False, where="conv2d"):
+@_cupy.explain_out_of_memory
+def conv2d(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols=False, workspace=None, where="conv2d"
+):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
 
     Parameters
@@ -213,6 +222,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
     stride, padding, dilation : int or pair of ints
     return_cols : bool
         Also return the im2col matrix so the backward can reuse it.
+    workspace : dict, optional
+        Scratch buffers reused from call to call (a layer passes its own).
+        The returned ``cols`` then lives in it and is overwritten by the next
+        call with the same workspace.
     where : str
         Name used in error messages (layers pass their own).
 
@@ -241,12 +254,15 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
         # The whole batch's im2col matrix would exceed the workspace limit:
         # convolve slices of the batch; the backward recomputes their columns.
         y = xp.concat(
-            [conv2d(x[i : i + chunk, ...], weight, bias, stride, padding, dilation, where=where) for i in range(0, N, chunk)],
+            [
+                conv2d(x[i : i + chunk, ...], weight, bias, stride, padding, dilation, workspace=workspace, where=where)
+                for i in range(0, N, chunk)
+            ],
             axis=0,
         )  # (N, K, P, Q)
         return (y, None) if return_cols else y
     if backend.is_numpy(xp):
-        y, cols = _conv2d_numpy(x, weight, bias, (u, v), (a, b), (dh, dw), P, Q)
+        y, cols = _conv2d_numpy(x, weight, bias, (u, v), (a, b), (dh, dw), P, Q, workspace)
         return (y, cols) if return_cols else y
     cols = im2col(x, (R, S), (u, v), (a, b), (dh, dw))  # (N*P*Q, C*R*S)
     w2 = xp.reshape(weight, (K, C * R * S))  # (K, C*R*S)
@@ -257,8 +273,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols
     return (y, cols) if return_cols else y
 
 
+@_cupy.explain_out_of_memory
 def conv2d_backward(
-    dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None, has_bias=True, need_input_grad=True, where="conv2d"
+    dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None, has_bias=True, need_input_grad=True,
+    workspace=None, where="conv2d",
 ):
     """Gradients of :func:`conv2d`.
 
@@ -275,6 +293,8 @@ def conv2d_backward(
     need_input_grad : bool
         Whether to compute ``dx`` (else ``None``): the first layer of a
         network needs no gradient for its input, which saves a GEMM and col2im.
+    workspace : dict, optional
+        Scratch buffers, as for :func:`conv2d` (use the same dict).
 
     Returns
     -------
@@ -294,7 +314,7 @@ def conv2d_backward(
         parts = [
             conv2d_backward(
                 dy[i : i + chunk, ...], x[i : i + chunk, ...], weight, stride, padding, dilation,
-                has_bias=has_bias, need_input_grad=need_input_grad, where=where,
+                has_bias=has_bias, need_input_grad=need_input_grad, workspace=workspace, where=where,
             )
             for i in range(0, N, chunk)
         ]
@@ -305,7 +325,9 @@ def conv2d_backward(
             dbias = dbias + db_part if has_bias else None
         return dx, dweight, dbias
     if backend.is_numpy(xp):
-        return _conv2d_backward_numpy(dy, x, weight, (u, v), (a, b), (dh, dw), P, Q, cols, has_bias, need_input_grad)
+        return _conv2d_backward_numpy(
+            dy, x, weight, (u, v), (a, b), (dh, dw), P, Q, cols, has_bias, need_input_grad, workspace
+        )
     if cols is None:
         cols = im2col(x, (R, S), (u, v), (a, b), (dh, dw))  # (N*P*Q, C*R*S)
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (N * P * Q, K))  # (N*P*Q, K)
@@ -329,34 +351,53 @@ def conv2d_backward(
 # reordered to match, which is cheap (it is small).
 
 
-def _padded_nhwc(x, a, b):
+def _buffer(workspace, tag, shape, dtype, *, zeroed=False):
+    """An array of ``shape`` kept in ``workspace`` (a dict a layer owns) and reused across calls.
+
+    Fresh memory costs a page fault per 4 KiB on first touch, which for an
+    im2col matrix of 100+ MB takes as long as the copy into it. Only arrays
+    that never leave the op live here (padded inputs, im2col matrices).
+    """
+    if workspace is None:
+        return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
+    buf = workspace.get(tag)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
+        workspace[tag] = buf
+    return buf
+
+
+def _padded_nhwc(x, a, b, workspace=None, tag="pad"):
     """``x`` as channels-last ``(N, H+2a, W+2b, C)``, zero-padded (a view when unpadded)."""
     xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
     if a == 0 and b == 0:
         return xt
     N, H, W, C = xt.shape
-    xpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=x.dtype)
-    xpad[:, a : a + H, b : b + W, :] = xt
+    # Zeroed once; later calls overwrite only the interior, so the border stays zero.
+    xpad = _buffer(workspace, tag, (N, H + 2 * a, W + 2 * b, C), x.dtype, zeroed=True)
+    parallel_copy(xpad[:, a : a + H, b : b + W, :], xt)
     return xpad
 
 
-def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q):
+def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="cols"):
     """Rows ``(n, p, q)``, columns ``(r, s, c)``: shape (N*P*Q, R*S*C)."""
     N, C = x.shape[:2]
-    xpad = _padded_nhwc(x, a, b)  # (N, H+2a, W+2b, C)
+    xpad = _padded_nhwc(x, a, b, workspace, tag + ".pad")  # (N, H+2a, W+2b, C)
     sN, sH, sW, sC = xpad.strides
     view = np.lib.stride_tricks.as_strided(
         xpad, shape=(N, P, Q, R, S, C), strides=(sN, u * sH, v * sW, dh * sH, dw * sW, sC), writeable=False
     )  # (N, P, Q, R, S, C)
-    return view.reshape(N * P * Q, R * S * C)
+    cols = _buffer(workspace, tag, (N, P, Q, R, S, C), x.dtype)
+    parallel_copy(cols, view)
+    return cols.reshape(N * P * Q, R * S * C)
 
 
-def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q):
+def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=None):
     """Forward in the channels-last layout; returns ``(y, cols)``."""
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C = x.shape[:2]
     K, _, R, S = weight.shape
-    cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q)  # (N*P*Q, R*S*C)
+    cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
     w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
     y = cols @ w2.T  # (N*P*Q, K)
     if bias is not None:
@@ -364,13 +405,15 @@ def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q):
     return y.reshape(N, P, Q, K).transpose(0, 3, 1, 2), cols  # (N, K, P, Q) view of (N, P, Q, K)
 
 
-def _conv2d_backward_numpy(dy, x, weight, stride, padding, dilation, P, Q, cols, has_bias, need_input_grad):
+def _conv2d_backward_numpy(
+    dy, x, weight, stride, padding, dilation, P, Q, cols, has_bias, need_input_grad, workspace=None
+):
     """Backward in the channels-last layout; ``cols`` from :func:`_conv2d_numpy` or None."""
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     if cols is None:
-        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q)  # (N*P*Q, R*S*C)
+        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
     dy2 = dy.transpose(0, 2, 3, 1).reshape(N * P * Q, K)  # (N*P*Q, K), a view when dy is channels-last
     dweight = (dy2.T @ cols).reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
     dweight = np.ascontiguousarray(dweight)
@@ -378,7 +421,8 @@ def _conv2d_backward_numpy(dy, x, weight, stride, padding, dilation, P, Q, cols,
     if not need_input_grad:
         return None, dweight, dbias
     if u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1):
-        return _conv2d_input_grad_as_convolution(dy, weight, (a, b), (dh, dw), H, W), dweight, dbias
+        dx = _conv2d_input_grad_as_convolution(dy, weight, (a, b), (dh, dw), H, W, workspace)
+        return dx, dweight, dbias
     w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
     dcols = (dy2 @ w2).reshape(N, P, Q, R, S, C)  # (N, P, Q, R, S, C)
     dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
@@ -389,7 +433,7 @@ def _conv2d_backward_numpy(dy, x, weight, stride, padding, dilation, P, Q, cols,
     return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2), dweight, dbias  # (N, C, H, W) view
 
 
-def _conv2d_input_grad_as_convolution(dy, weight, padding, dilation, H, W):
+def _conv2d_input_grad_as_convolution(dy, weight, padding, dilation, H, W, workspace=None):
     """dx for stride 1 as a convolution: im2col of ``dy`` and one GEMM, no scatter-add.
 
     With ``t = d_h (R - 1) - a`` rows of zeros around ``dy`` (and likewise
@@ -401,7 +445,9 @@ def _conv2d_input_grad_as_convolution(dy, weight, padding, dilation, H, W):
     (a, b), (dh, dw) = padding, dilation
     K, C, R, S = weight.shape
     N = dy.shape[0]
-    cols = _im2col_nhwc(dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W)  # (N*H*W, R*S*K)
+    cols = _im2col_nhwc(
+        dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, workspace, "dy_cols"
+    )  # (N*H*W, R*S*K)
     w_rot = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, R * S * K)  # (C, R*S*K)
     dx = cols @ w_rot.T  # (N*H*W, C)
     return dx.reshape(N, H, W, C).transpose(0, 3, 1, 2)  # (N, C, H, W) view of (N, H, W, C)

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from .. import backend
+from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
@@ -76,6 +77,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, where="max_pool2d"):
     N, C, H, W, R, S, u, v, a, b, P, Q = pool2d_geometry(x.shape, kernel_size, stride, padding, where)
     if backend.is_numpy(xp):
         return _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q)
+    if backend.is_cupy(xp) and _cupy.supports(x.dtype):
+        return _cupy.max_pool2d(x, R, S, u, v, a, b, P, Q)  # one kernel
     xpad = pad2d(x, a, b, value=-math.inf)  # (N, C, H+2a, W+2b)
     windows = xp.stack(
         [xpad[index] for index in tap_slices(R, S, u, v, 1, 1, P, Q)], axis=-1
@@ -99,6 +102,8 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0
         raise ValueError(f"{where}: expected output gradient of shape {(N, C, P, Q)}, got {tuple(dy.shape)}")
     if backend.is_numpy(xp):
         return _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q)
+    if backend.is_cupy(xp) and _cupy.supports(dy.dtype):
+        return _cupy.max_pool2d_backward(dy, argmax, x_shape, R, S, u, v, a, b, P, Q)  # a gather, no atomics
     dxpad = scatter_add_taps(
         xp,
         (xp.where(argmax == k, dy, xp.zeros_like(dy)) for k in range(R * S)),
@@ -124,6 +129,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, *, where="avg_pool2d"):
     """
     xp = _check_input(x, where)
     N, C, H, W, R, S, u, v, a, b, P, Q = pool2d_geometry(x.shape, kernel_size, stride, padding, where)
+    if backend.is_cupy(xp) and _cupy.supports(x.dtype):
+        return _cupy.avg_pool2d(x, R, S, u, v, a, b, P, Q)  # one kernel
     xpad = pad2d(x, a, b)  # (N, C, H+2a, W+2b)
     total = xp.zeros((N, C, P, Q), dtype=x.dtype, device=backend.device(x))
     for index in tap_slices(R, S, u, v, 1, 1, P, Q):
@@ -142,6 +149,8 @@ def avg_pool2d_backward(dy, x_shape, kernel_size, stride=None, padding=0, *, whe
     N, C, H, W, R, S, u, v, a, b, P, Q = pool2d_geometry(x_shape, kernel_size, stride, padding, where)
     if tuple(dy.shape) != (N, C, P, Q):
         raise ValueError(f"{where}: expected output gradient of shape {(N, C, P, Q)}, got {tuple(dy.shape)}")
+    if backend.is_cupy(xp) and _cupy.supports(dy.dtype):
+        return _cupy.avg_pool2d_backward(dy, x_shape, R, S, u, v, a, b, P, Q)  # a gather, no atomics
     share = dy / (R * S)  # (N, C, P, Q)
     dxpad = scatter_add_taps(
         xp,

@@ -1,0 +1,48 @@
+"""Memory-bound NumPy copies split over the CPU cores.
+
+BLAS runs the GEMMs on every core, but a NumPy copy runs on one; im2col and
+padding are pure copies as large as the GEMMs' operands. NumPy releases the
+GIL while it copies, so a small thread pool copying slices of the batch axis
+uses the other cores. ``PORTABLE_CNN_NUM_THREADS`` sets the pool size
+(default: the cores this process may use; 1 turns it off).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["parallel_copy", "num_threads"]
+
+_MIN_BYTES_PER_THREAD = 1 << 20  # below ~1 MB a copy is over before a thread wakes
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def num_threads() -> int:
+    """Threads used for large copies."""
+    setting = os.environ.get("PORTABLE_CNN_NUM_THREADS")
+    if setting:
+        return max(1, int(setting))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``, split along axis 0 over the thread pool when large."""
+    global _pool, _pool_size
+    threads = min(num_threads(), dst.shape[0] if dst.ndim else 1, max(1, dst.nbytes // _MIN_BYTES_PER_THREAD))
+    if threads <= 1:
+        np.copyto(dst, src)
+        return
+    if _pool is None or _pool_size < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable_cnn_copy")
+        _pool_size = threads
+    bounds = np.linspace(0, dst.shape[0], threads + 1).astype(int)
+    jobs = [_pool.submit(np.copyto, dst[lo:hi], src[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    for job in jobs:
+        job.result()

@@ -1,0 +1,643 @@
+"""GPU tests: the CuPy kernels against the standard path, CuPy against NumPy, training that stays on the device.
+
+Every test here is marked ``gpu`` and skipped, with the reason, where CuPy
+cannot run (:func:`portable_cnn.backend.cupy_status`). On a GPU machine run
+them with ``pytest -m gpu`` (``benchmarks/gpu_check.sh`` does that and the
+rest of the GPU checks).
+
+What they prove:
+
+* each CuPy kernel of ``portable_cnn/ops/_cupy.py`` (im2col, col2im, max and
+  average pooling forward and backward) gives what the standard (array API)
+  path gives on the same CuPy arrays, whatever the memory layout of its input;
+* forward and every gradient of every op, and of ``lenet`` and ``vgg_small``,
+  agree between CuPy and NumPy: float64 to the tight tolerance, float32 to the
+  float32 row of ``tests/conftest.py``'s table (TF32 off);
+* a training step keeps parameters, gradients and optimizer state on the
+  device and does not wait for the GPU; the trainer reads the loss back only
+  every ``log_every`` steps;
+* a checkpoint written from the GPU loads on NumPy and the reverse, and
+  training continues identically from it;
+* a GPU out-of-memory error in a convolution becomes a ``MemoryError`` that
+  suggests a smaller batch or a lower workspace limit, and the suggestion works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+from conftest import tol
+
+from portable_cnn import backend as B
+from portable_cnn import checkpoint, data, models, nn, ops, optim, train
+from portable_cnn.ops import _cupy, conv
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float64", "float32"]
+LAYOUTS = ["contiguous", "channels_last"]
+
+# (N, C, K, H, W, R, S, u, v, a, b, dh, dw)
+CONV_CASES = [
+    (2, 3, 4, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1),  # 3x3, 'same' padding
+    (2, 2, 3, 9, 8, 3, 2, 2, 1, 1, 0, 1, 2),  # stride, dilation, rectangular kernel
+    (1, 4, 2, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1),  # 1x1
+    (3, 1, 2, 8, 7, 5, 5, 2, 3, 2, 2, 1, 1),  # LeNet-like 5x5 with padding
+    (2, 3, 2, 10, 9, 2, 2, 3, 3, 1, 0, 1, 1),  # stride > kernel: some inputs are read by no window
+]
+# (N, C, H, W, R, S, u, v, a, b)
+POOL_CASES = [
+    (2, 3, 8, 8, 2, 2, 2, 2, 0, 0),  # the networks' 2x2/2
+    (2, 2, 7, 9, 3, 3, 2, 2, 1, 1),  # overlapping windows, padding
+    (1, 3, 6, 5, 3, 2, 1, 2, 1, 1),  # stride 1 in one direction
+    (2, 2, 9, 7, 2, 3, 3, 1, 1, 0),  # stride > kernel rows
+]
+
+
+def _conv_id(case):
+    return "N{}C{}K{}_{}x{}_k{}x{}_s{}{}_p{}{}_d{}{}".format(*case)
+
+
+def _pool_id(case):
+    return "N{}C{}_{}x{}_k{}x{}_s{}{}_p{}{}".format(*case)
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def cp():
+    """CuPy itself, with TF32 off; skips the module's tests where no CUDA device works."""
+    ok, why = B.cupy_status()
+    if not ok:
+        pytest.skip(f"CuPy backend unavailable: {why}")
+    import cupy
+
+    B.set_tf32(False)
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def xpc(cp):
+    """The CuPy namespace as the library sees it."""
+    return B.get_namespace("cupy")
+
+
+def host(a) -> np.ndarray:
+    return np.asarray(B.to_numpy(a))
+
+
+def channels_last(cp, a):
+    """The same (N, C, H, W) values as a view of (N, H, W, C) memory, as the CuPy conv returns them."""
+    return cp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def standard_path():
+    """Run the ops' standard (array API) path on CuPy arrays: the fast paths are told the arrays are not CuPy's.
+
+    Make the arrays before entering: :func:`portable_cnn.backend.asarray` asks ``is_cupy`` too.
+    """
+    return mock.patch.object(B, "is_cupy", return_value=False)
+
+
+def assert_close(got, expected, dtype, name=""):
+    np.testing.assert_allclose(host(got), host(expected), err_msg=name, **tol(dtype))
+
+
+# --------------------------------------------------------------------------- the kernels against the standard path
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_im2col_kernel_matches_standard_path(cp, xpc, case, dtype, layout):
+    """im2col is a copy: the kernel's (N*P*Q, C*R*S) matrix equals the standard path's exactly."""
+    N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
+    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
+    x_np = np.random.default_rng(0).standard_normal((N, C, H, W)).astype(dtype)
+    x = B.asarray(x_np, xpc)
+    if layout == "channels_last":
+        x = channels_last(cp, x)
+    with mock.patch.object(_cupy, "im2col", wraps=_cupy.im2col) as fast:
+        got = ops.im2col(x, (R, S), **opts)
+    assert fast.call_count == 1, "the CuPy kernel was not used"
+    with standard_path():
+        expected = ops.im2col(x, (R, S), **opts)
+    assert B.backend_name(got) == "cupy" and B.dtype_name(got) == dtype
+    assert B.device(got) == B.device(x)
+    np.testing.assert_array_equal(host(got), host(expected))
+    np.testing.assert_array_equal(host(got), ops.im2col(x_np, (R, S), **opts))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_col2im_gather_matches_standard_path_and_is_deterministic(cp, xpc, case, dtype):
+    """col2im as a gather (no atomics) equals the standard scatter-add, and twice the same call gives the same bits."""
+    N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
+    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
+    P, Q = ops.out_size(H, R, u, a, dh), ops.out_size(W, S, v, b, dw)
+    cols_np = np.random.default_rng(1).standard_normal((N * P * Q, C * R * S)).astype(dtype)
+    cols = B.asarray(cols_np, xpc)
+    with mock.patch.object(_cupy, "col2im", wraps=_cupy.col2im) as fast:
+        got = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
+        again = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
+    assert fast.call_count == 2, "the CuPy kernel was not used"
+    with standard_path():
+        expected = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
+    assert tuple(got.shape) == (N, C, H, W) and B.dtype_name(got) == dtype
+    np.testing.assert_array_equal(host(got), host(again))
+    assert_close(got, expected, dtype)
+    assert_close(got, ops.col2im(cols_np, (N, C, H, W), (R, S), **opts), dtype)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_col2im_kernel_is_the_adjoint_of_im2col_kernel(cp, xpc, case):
+    """<im2col(x), c> = <x, col2im(c)> in float64: the pair of kernels are transposes of each other."""
+    N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
+    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
+    rng = np.random.default_rng(2)
+    x = B.asarray(rng.standard_normal((N, C, H, W)), xpc)
+    cols = ops.im2col(x, (R, S), **opts)
+    c = B.asarray(rng.standard_normal(tuple(cols.shape)), xpc)
+    lhs = float(host(xpc.sum(cols * c)))
+    rhs = float(host(xpc.sum(x * ops.col2im(c, (N, C, H, W), (R, S), **opts))))
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+def test_pool_kernels_match_standard_path(cp, xpc, case, dtype, layout):
+    """Max and average pooling, forward and backward: the kernels against the standard path and NumPy.
+
+    The input has ties (rounded values), so the first-maximum rule is tested too.
+    """
+    N, C, H, W, R, S, u, v, a, b = case
+    args = ((R, S), (u, v), (a, b))
+    rng = np.random.default_rng(3)
+    x_np = np.round(rng.standard_normal((N, C, H, W)) * 2).astype(dtype)  # ties within windows
+    P, Q = ops.out_size(H, R, u, a), ops.out_size(W, S, v, b)
+    dy_np = rng.standard_normal((N, C, P, Q)).astype(dtype)
+    x, dy = B.asarray(x_np, xpc), B.asarray(dy_np, xpc)
+    if layout == "channels_last":
+        x, dy = channels_last(cp, x), channels_last(cp, dy)
+    names = ("max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
+    with contextlib.ExitStack() as stack:
+        fast = {n: stack.enter_context(mock.patch.object(_cupy, n, wraps=getattr(_cupy, n))) for n in names}
+        y, argmax = ops.max_pool2d(x, *args)
+        dx = ops.max_pool2d_backward(dy, argmax, x.shape, *args)
+        avg = ops.avg_pool2d(x, *args)
+        davg = ops.avg_pool2d_backward(dy, x.shape, *args)
+    assert all(fast[n].call_count == 1 for n in names), {n: fast[n].call_count for n in names}
+    with standard_path():
+        y_std, argmax_std = ops.max_pool2d(x, *args)
+        dx_std = ops.max_pool2d_backward(dy, argmax_std, x.shape, *args)
+        avg_std = ops.avg_pool2d(x, *args)
+        davg_std = ops.avg_pool2d_backward(dy, x.shape, *args)
+    np.testing.assert_array_equal(host(y), host(y_std))
+    np.testing.assert_array_equal(host(argmax), host(argmax_std))
+    assert_close(dx, dx_std, dtype, "max_pool2d_backward")
+    assert_close(avg, avg_std, dtype, "avg_pool2d")
+    assert_close(davg, davg_std, dtype, "avg_pool2d_backward")
+    y_np, argmax_np = ops.max_pool2d(x_np, *args)
+    np.testing.assert_array_equal(host(y), y_np)
+    np.testing.assert_array_equal(host(argmax), argmax_np)
+    dx_np = ops.max_pool2d_backward(dy_np, argmax_np, x_np.shape, *args)
+    assert_close(dx, dx_np, dtype, "max_pool2d_backward vs NumPy")
+    assert_close(avg, ops.avg_pool2d(x_np, *args), dtype, "avg_pool2d vs NumPy")
+    assert_close(davg, ops.avg_pool2d_backward(dy_np, x_np.shape, *args), dtype, "avg_pool2d_backward vs NumPy")
+    for out in (y, dx, avg, davg):
+        assert B.backend_name(out) == "cupy" and B.dtype_name(out) == dtype and B.device(out) == B.device(x)
+
+
+def test_max_pool_kernel_propagates_nan_like_the_standard_path(cp, xpc):
+    """A NaN in a window wins (the first one), as max/argmax of the standard path decide."""
+    x_np = np.arange(32, dtype=np.float32).reshape(1, 2, 4, 4)
+    x_np[0, 0, 1, 0] = np.nan
+    x_np[0, 1, 2, 3] = np.nan
+    x = B.asarray(x_np, xpc)
+    y, argmax = ops.max_pool2d(x, 2)
+    with standard_path():
+        y_std, argmax_std = ops.max_pool2d(x, 2)
+    np.testing.assert_array_equal(host(y), host(y_std))  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(host(argmax), host(argmax_std))
+
+
+def test_dtypes_without_a_kernel_take_the_standard_path(cp, xpc):
+    """float16 has no kernel here: the ops fall back to the standard path instead of failing."""
+    x = B.asarray(np.random.default_rng(4).standard_normal((2, 3, 6, 6)), xpc, dtype="float16")
+    with mock.patch.object(_cupy, "max_pool2d", side_effect=AssertionError("kernel called for float16")), \
+            mock.patch.object(_cupy, "im2col", side_effect=AssertionError("kernel called for float16")):
+        y, _ = ops.max_pool2d(x, 2)
+        cols = ops.im2col(x, 3, padding=1)
+    assert B.dtype_name(y) == "float16" and tuple(cols.shape) == (2 * 36, 27)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_conv2d_with_kernels_matches_standard_path_and_numpy(cp, xpc, case, dtype):
+    """conv2d and conv2d_backward on CuPy (kernels in place) against the standard path on CuPy and against NumPy."""
+    N, C, K, H, W, R, S, u, v, a, b, dh, dw = case
+    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
+    rng = np.random.default_rng(5)
+    x_np = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w_np = rng.standard_normal((K, C, R, S)).astype(dtype)
+    b_np = rng.standard_normal(K).astype(dtype)
+    P, Q = ops.out_size(H, R, u, a, dh), ops.out_size(W, S, v, b, dw)
+    dy_np = rng.standard_normal((N, K, P, Q)).astype(dtype)
+    x, w, bias, dy = (B.asarray(t, xpc) for t in (x_np, w_np, b_np, dy_np))
+
+    def run():
+        y, cols = ops.conv2d(x, w, bias, return_cols=True, **opts)
+        return (y, *ops.conv2d_backward(dy, x, w, cols=cols, **opts))
+
+    fast = run()
+    with standard_path():
+        standard = run()
+    y_np, cols_np = ops.conv2d(x_np, w_np, b_np, return_cols=True, **opts)
+    reference = (y_np, *ops.conv2d_backward(dy_np, x_np, w_np, cols=cols_np, **opts))
+    for name, got, std, ref in zip(("y", "dx", "dw", "db"), fast, standard, reference):
+        assert B.backend_name(got) == "cupy", name
+        assert_close(got, std, dtype, name + " vs standard path")
+        assert_close(got, ref, dtype, name + " vs NumPy")
+
+
+def test_conv2d_in_slices_under_a_small_workspace_limit_matches_whole_batch(cp, xpc):
+    """Under a workspace limit smaller than one batch's im2col matrix the GPU convolves slices; same result."""
+    rng = np.random.default_rng(6)
+    x = B.asarray(rng.standard_normal((6, 4, 12, 12)), xpc)
+    w = B.asarray(rng.standard_normal((5, 4, 3, 3)), xpc)
+    bias = B.asarray(rng.standard_normal(5), xpc)
+    dy = B.asarray(rng.standard_normal((6, 5, 12, 12)), xpc)
+    whole = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
+    previous = conv.get_workspace_limit()
+    try:
+        conv.set_workspace_limit(12 * 12 * 5 * 9 * 8 * 2 / 2**20)  # two samples per slice
+        assert conv._batch_chunk(x.shape, w.shape, 12, 12, x.dtype) == 2
+        sliced = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
+    finally:
+        conv.set_workspace_limit(previous)
+    for name, got, expected in zip(("y", "dx", "dw", "db"), sliced, whole):
+        assert_close(got, expected, "float64", name)
+
+
+# --------------------------------------------------------------------------- every op, CuPy against NumPy
+
+
+def _op_conv(put, rng, dtype):
+    x, w, b = rng.standard_normal((3, 2, 9, 8)), rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+    opts = {"stride": (2, 1), "padding": 1, "dilation": (1, 2)}
+    y, cols = ops.conv2d(put(x), put(w), put(b), return_cols=True, **opts)
+    dy = put(rng.standard_normal(tuple(y.shape)))
+    dx, dw, db = ops.conv2d_backward(dy, put(x), put(w), cols=cols, **opts)
+    return {"y": y, "dx": dx, "dw": dw, "db": db}
+
+
+def _op_max_pool(put, rng, dtype):
+    x = put(rng.standard_normal((2, 3, 7, 9)))
+    y, argmax = ops.max_pool2d(x, 3, 2, 1)
+    dx = ops.max_pool2d_backward(put(rng.standard_normal(tuple(y.shape))), argmax, x.shape, 3, 2, 1)
+    return {"y": y, "argmax": argmax, "dx": dx}
+
+
+def _op_avg_pool(put, rng, dtype):
+    x = put(rng.standard_normal((2, 3, 7, 9)))
+    y = ops.avg_pool2d(x, 3, 2, 1)
+    return {"y": y, "dx": ops.avg_pool2d_backward(put(rng.standard_normal(tuple(y.shape))), x.shape, 3, 2, 1)}
+
+
+def _elementwise(forward, backward, uses_output):
+    def run(put, rng, dtype):
+        x = put(rng.standard_normal((3, 4, 5, 2)))
+        y = forward(x)
+        dx = backward(put(rng.standard_normal(tuple(y.shape))), y if uses_output else x)
+        return {"y": y, "dx": dx}
+
+    return run
+
+
+def _op_linear(put, rng, dtype):
+    x, w, b = put(rng.standard_normal((5, 7))), put(rng.standard_normal((3, 7))), put(rng.standard_normal(3))
+    y = ops.linear(x, w, b)
+    dx, dw, db = ops.linear_backward(put(rng.standard_normal((5, 3))), x, w)
+    return {"y": y, "dx": dx, "dw": dw, "db": db}
+
+
+def _op_flatten(put, rng, dtype):
+    nhwc = put(rng.standard_normal((2, 4, 5, 3)))  # (N, H, W, C)
+    x = B.namespace(nhwc).permute_dims(nhwc, (0, 3, 1, 2))  # (N, C, H, W) view: flatten must copy, not reinterpret
+    y = ops.flatten(x)
+    return {"y": y, "dx": ops.flatten_backward(put(rng.standard_normal(tuple(y.shape))), tuple(x.shape))}
+
+
+def _op_softmax(put, rng, dtype):
+    x = put(rng.standard_normal((4, 6)) * 3)
+    y = ops.softmax(x, axis=1)
+    logy = ops.log_softmax(x, axis=1)
+    dy = put(rng.standard_normal((4, 6)))
+    return {"y": y, "dx": ops.softmax_backward(dy, y, axis=1), "log_y": logy,
+            "dlog": ops.log_softmax_backward(dy, logy, axis=1)}
+
+
+def _op_cross_entropy(put, rng, dtype):
+    logits = put(rng.standard_normal((6, 10)) * 2)
+    labels = put(rng.integers(0, 10, 6))
+    loss, probs = ops.softmax_cross_entropy(logits, labels)
+    return {"loss": loss, "probs": probs, "dlogits": ops.softmax_cross_entropy_backward(probs, labels, 0.5)}
+
+
+def _op_batch_norm(put, rng, dtype):
+    x = put(rng.standard_normal((4, 3, 5, 5)) * 2 + 1)
+    weight, bias = put(rng.standard_normal(3)), put(rng.standard_normal(3))
+    mean, var = put(rng.standard_normal(3)), put(rng.random(3) + 0.5)
+    out = {}
+    for training in (True, False):
+        y, cache, new_mean, new_var = ops.batch_norm2d(x, weight, bias, mean, var, training=training)
+        dx, dw, db = ops.batch_norm2d_backward(put(rng.standard_normal(tuple(y.shape))), cache)
+        tag = "train" if training else "eval"
+        out.update({f"y_{tag}": y, f"dx_{tag}": dx, f"dw_{tag}": dw, f"db_{tag}": db,
+                    f"mean_{tag}": new_mean, f"var_{tag}": new_var})
+    return out
+
+
+def _op_dropout(put, rng, dtype):
+    x, uniform = put(rng.standard_normal((3, 4, 5))), put(rng.random((3, 4, 5)))
+    y, mask = ops.dropout(x, 0.3, uniform)
+    return {"y": y, "mask": mask, "dx": ops.dropout_backward(put(rng.standard_normal((3, 4, 5))), mask)}
+
+
+OPS = {
+    "conv2d": _op_conv,
+    "max_pool2d": _op_max_pool,
+    "avg_pool2d": _op_avg_pool,
+    "relu": _elementwise(ops.relu, ops.relu_backward, uses_output=False),
+    "sigmoid": _elementwise(ops.sigmoid, ops.sigmoid_backward, uses_output=True),
+    "tanh": _elementwise(ops.tanh, ops.tanh_backward, uses_output=True),
+    "linear": _op_linear,
+    "flatten": _op_flatten,
+    "softmax": _op_softmax,
+    "softmax_cross_entropy": _op_cross_entropy,
+    "batch_norm2d": _op_batch_norm,
+    "dropout": _op_dropout,
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_forward_and_gradients_match_numpy(cp, xpc, name, dtype):
+    """Each op's outputs and gradients from CuPy equal NumPy's on the same data (same seeds)."""
+    xpn = B.get_namespace("numpy")
+
+    def putter(xp):
+        def put(a):
+            a = np.asarray(a)
+            return B.asarray(a, xp, dtype=dtype if a.dtype.kind == "f" else None)
+
+        return put
+
+    on_gpu = OPS[name](putter(xpc), np.random.default_rng(7), dtype)
+    on_cpu = OPS[name](putter(xpn), np.random.default_rng(7), dtype)
+    assert set(on_gpu) == set(on_cpu)
+    for key in on_cpu:
+        if on_cpu[key] is None:
+            assert on_gpu[key] is None, key
+            continue
+        assert B.backend_name(on_gpu[key]) == "cupy", f"{name}: {key} left the device"
+        assert tuple(on_gpu[key].shape) == tuple(np.shape(on_cpu[key])), key
+        assert_close(on_gpu[key], on_cpu[key], dtype, f"{name}: {key}")
+
+
+# --------------------------------------------------------------------------- whole networks, CuPy against NumPy
+
+
+NETS = {"lenet": (models.lenet, (1, 28, 28)), "vgg_small": (models.vgg_small, (3, 32, 32))}
+
+
+def _net_pass(model, xp, x_np, labels_np, dtype):
+    """Forward, loss and backward (with the input gradient) of ``model`` on backend ``xp``; results as a dict."""
+    loss_fn = nn.SoftmaxCrossEntropy()
+    x = B.asarray(x_np, xp, dtype=dtype)
+    logits = model.forward(x)
+    loss = loss_fn.forward(logits, B.asarray(labels_np, xp))
+    dx = model.backward(loss_fn.backward())
+    out = {"logits": logits, "loss": loss, "dx": dx}
+    out.update({f"grad {name}": layer.grads[key] for name, layer, key in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_network_forward_and_all_gradients_match_numpy(cp, xpc, net, dtype):
+    """lenet / vgg_small: logits, loss, input gradient and every parameter gradient, CuPy against NumPy."""
+    build, shape = NETS[net]
+    rng = np.random.default_rng(8)
+    x_np = rng.standard_normal((4, *shape))
+    labels = rng.integers(0, 10, 4)
+    on_cpu = _net_pass(build(rng=0).to("numpy", dtype), B.get_namespace("numpy"), x_np, labels, dtype)
+    on_gpu = _net_pass(build(rng=0).to("cupy", dtype), xpc, x_np, labels, dtype)
+    assert set(on_gpu) == set(on_cpu) and len(on_cpu) > 3
+    for key in on_cpu:
+        assert B.backend_name(on_gpu[key]) == "cupy", key
+        assert np.any(host(on_cpu[key]) != 0), f"{key} is all zeros: the comparison would prove nothing"
+        assert_close(on_gpu[key], on_cpu[key], dtype, f"{net} {dtype}: {key}")
+
+
+# --------------------------------------------------------------------------- training stays on the device
+
+# One thread that spins on the GPU's nanosecond clock: work queued behind it
+# cannot start, so a host call that returns while it still runs did not wait.
+_SPIN = r"""
+extern "C" __global__ void spin(const long long nanoseconds) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < (unsigned long long)nanoseconds);
+}
+"""
+
+
+def _device_arrays(model, optimizer):
+    arrays = {}
+    for name, layer, key in model.named_parameters():
+        arrays[f"param {name}"] = layer.params[key]
+        arrays[f"grad {name}"] = layer.grads[key]
+    for name, value in optimizer.state_dict().items():
+        if name != "step":
+            arrays[f"optimizer {name}"] = value
+    return arrays
+
+
+def test_training_step_stays_on_the_device_and_does_not_wait_for_it(cp, xpc):
+    """Forward, loss, backward and SGD step enqueue GPU work and return without a host synchronisation.
+
+    A 2 s spin kernel goes first on the stream; if anything in the step read a
+    value back (or synchronised otherwise), the host would block behind it.
+    """
+    model = models.vgg_small(rng=0).to("cupy", "float32")
+    opt = optim.SGD(model, lr=0.01, momentum=0.9)
+    loss_fn = nn.SoftmaxCrossEntropy(validate=False)
+    rng = np.random.default_rng(9)
+    x = B.asarray(rng.standard_normal((64, 3, 32, 32)), xpc, dtype="float32")  # the batch is on the device already
+    labels = B.asarray(rng.integers(0, 10, 64), xpc)
+
+    def step():
+        loss = loss_fn.forward(model.forward(x), labels)
+        model.backward(loss_fn.backward(), need_input_grad=False)
+        opt.step()
+        return loss
+
+    for _ in range(2):  # compile the kernels, fill the memory pool, create the cuBLAS handle
+        step()
+    stream = cp.cuda.get_current_stream()
+    stream.synchronize()
+    spin = cp.RawKernel(_SPIN, "spin")
+    spin((1,), (1,), (np.int64(2 * 10**9),))  # compile and run once, so the timed launch is only a launch
+    stream.synchronize()
+
+    t0 = time.perf_counter()
+    spin((1,), (1,), (np.int64(2 * 10**9),))
+    loss = step()
+    host_seconds = time.perf_counter() - t0
+    still_queued = not stream.done
+    stream.synchronize()
+    total_seconds = time.perf_counter() - t0
+    assert total_seconds >= 1.9, f"the spin kernel took {total_seconds:.2f} s, not 2 s: the check proves nothing"
+    assert host_seconds < 1.0 and still_queued, (
+        f"the training step returned after {host_seconds:.2f} s with the GPU busy for 2 s: something in "
+        "forward/backward/step synchronised with the host"
+    )
+    assert B.backend_name(loss) == "cupy" and np.isfinite(float(host(loss)))
+    arrays = _device_arrays(model, opt)
+    assert any(k.startswith("optimizer") for k in arrays) and any(k.startswith("grad") for k in arrays)
+    for name, value in arrays.items():
+        assert B.backend_name(value) == "cupy", f"{name} is not on the GPU"
+        assert B.device(value) == B.device(x), f"{name} is on another device"
+        assert B.dtype_name(value) == "float32", name
+
+
+def test_trainer_on_cupy_matches_numpy_and_reads_back_every_log_every_steps(cp, xpc):
+    """Trainer.fit on CuPy follows the NumPy run (float64) and copies to the host only every ``log_every`` steps."""
+    rng = np.random.default_rng(10)
+    ds = data.Dataset(
+        x_train=rng.standard_normal((128, 1, 8, 8)).astype(np.float32), y_train=rng.integers(0, 10, 128),
+        x_test=rng.standard_normal((32, 1, 8, 8)).astype(np.float32), y_test=rng.integers(0, 10, 32),
+        num_classes=10, name="synthetic",
+    )
+
+    def fit(backend_name):
+        model = models.digits_net(rng=0).to(backend_name, "float64")
+        trainer = train.Trainer(model, optim.SGD(model, lr=0.05, momentum=0.9), ds, batch_size=8, log_every=4)
+        with mock.patch.object(B, "to_numpy", wraps=B.to_numpy) as to_host:
+            history = trainer.fit(epochs=1)
+        return model, history[-1], to_host.call_count
+
+    gpu_model, gpu_result, gpu_reads = fit("cupy")
+    cpu_model, cpu_result, _ = fit("numpy")
+    steps = 128 // 8
+    assert gpu_reads <= steps // 4 + 3, f"{gpu_reads} copies to the host in {steps} steps with log_every=4"
+    assert gpu_result.train_loss == pytest.approx(cpu_result.train_loss, rel=1e-9)
+    assert gpu_result.test_loss == pytest.approx(cpu_result.test_loss, rel=1e-9)
+    for name, value in cpu_model.state_dict().items():
+        assert B.backend_name(gpu_model.state_dict()[name]) == "cupy", name
+        assert_close(gpu_model.state_dict()[name], value, "float64", name)
+
+
+# --------------------------------------------------------------------------- checkpoints across devices
+
+
+def _one_step(model, opt, x_np, labels_np):
+    xp = B.namespace(next(iter(model.state_dict().values())))
+    loss_fn = nn.SoftmaxCrossEntropy()
+    loss_fn.forward(model.forward(B.asarray(x_np, xp, dtype="float64")), B.asarray(labels_np, xp))
+    model.backward(loss_fn.backward())
+    opt.step()
+
+
+@pytest.mark.parametrize("direction", ["gpu_to_numpy", "numpy_to_gpu"])
+def test_checkpoint_moves_between_gpu_and_numpy(cp, xpc, tmp_path, direction):
+    """A checkpoint saved from one backend loads on the other exactly, and training continues identically."""
+    source, target = ("cupy", "numpy") if direction == "gpu_to_numpy" else ("numpy", "cupy")
+    config = {"name": "lenet", "in_channels": 1, "num_classes": 10, "input_size": [28, 28], "seed": 0}
+    rng = np.random.default_rng(11)
+    x_np, labels = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
+
+    model = models.build_model("lenet", in_channels=1, num_classes=10, input_size=28).to(source, "float64")
+    opt = optim.SGD(model, lr=0.05, momentum=0.9)
+    _one_step(model, opt, x_np, labels)
+    path = checkpoint.save_checkpoint(
+        tmp_path / "run.safetensors",
+        checkpoint.Checkpoint.capture(model, model_config=config, optimizer=opt, step=1, train={"dtype": "float64"}),
+    )
+    loaded = checkpoint.load_checkpoint(path)
+    restored = loaded.build_model(target)
+    restored_opt = optim.SGD(restored, lr=0.05, momentum=0.9)
+    loaded.load_into(restored, restored_opt)
+
+    for name, value in model.state_dict().items():
+        assert B.backend_name(restored.state_dict()[name]) == target, name
+        np.testing.assert_array_equal(host(restored.state_dict()[name]), host(value), err_msg=name)
+    for name, value in opt.state_dict().items():
+        assert name == "step" or B.backend_name(restored_opt.state_dict()[name]) == target, name
+        np.testing.assert_array_equal(host(restored_opt.state_dict()[name]), host(value), err_msg=name)
+
+    _one_step(model, opt, x_np, labels)
+    _one_step(restored, restored_opt, x_np, labels)
+    for name, value in model.state_dict().items():
+        assert_close(restored.state_dict()[name], value, "float64", f"after one more step: {name}")
+
+
+# --------------------------------------------------------------------------- out of memory, TF32
+
+
+def test_gpu_out_of_memory_in_a_conv_says_what_to_change(cp, xpc):
+    """Capping CuPy's memory pool below one im2col matrix: the layer raises MemoryError naming itself, the batch
+    and the workspace limit, suggesting a smaller batch or a lower limit; with a lower limit the batch then fits."""
+    layer = nn.Conv2d(16, 16, 3, padding=1, rng=0).to("cupy", "float32")
+    x = B.asarray(np.random.default_rng(12).standard_normal((64, 16, 64, 64)), xpc, dtype="float32")  # 16 MiB
+    pool = cp.get_default_memory_pool()
+    cp.cuda.get_current_stream().synchronize()
+    pool.free_all_blocks()
+    previous_pool_limit, previous_workspace = pool.get_limit(), conv.get_workspace_limit()
+    # The whole batch's im2col matrix is 64*64*64 x 144 floats = 151 MiB; the cap leaves 96 MiB.
+    pool.set_limit(size=pool.used_bytes() + 96 * 2**20)
+    try:
+        with pytest.raises(MemoryError) as info:
+            layer.forward(x)
+        message = str(info.value)
+        assert type(info.value) is MemoryError
+        assert isinstance(info.value.__cause__, cp.cuda.memory.OutOfMemoryError)
+        assert message.startswith(repr(layer)), message
+        for part in ("ran out of memory", "batch size 64", f"workspace limit {previous_workspace:g} MB",
+                     "smaller batch", "set_workspace_limit", "PORTABLE_CNN_WORKSPACE_MB"):
+            assert part in message, (part, message)
+        conv.set_workspace_limit(8)  # slices of 3 samples: about 7 MiB of columns at a time
+        y = layer.forward(x)
+        assert tuple(y.shape) == (64, 16, 64, 64)
+    finally:
+        pool.set_limit(size=previous_pool_limit)
+        conv.set_workspace_limit(previous_workspace)
+
+
+def test_tf32_is_off_by_default_and_float32_gemms_are_exact(cp, xpc):
+    """With TF32 off a float32 product keeps all 24 bits: (1 + 2**-12) summed 1024 times is exact.
+
+    TF32 would round 1 + 2**-12 to 1 (10 mantissa bits) and give 1024.
+    """
+    assert not B.tf32_enabled()
+    a = cp.full((256, 1024), 1 + 2.0**-12, dtype=cp.float32)
+    b = cp.ones((1024, 256), dtype=cp.float32)
+    assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
+    try:
+        B.set_tf32(True)
+        assert B.tf32_enabled()
+        product = float((a @ b)[0, 0])  # cuBLAS may now use TF32; any answer near 1024 is allowed
+        assert abs(product - 1024.25) <= 0.5
+    finally:
+        B.set_tf32(False)
+    assert not B.tf32_enabled()
+    assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
