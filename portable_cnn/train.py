@@ -463,7 +463,7 @@ class Trainer:
                         f"{ds.name!r} has {ds.num_classes} classes"
                     )
                 loss = self.loss_fn.forward(logits, yd)
-                self.model.backward(self.loss_fn.backward())
+                self.model.backward(self.loss_fn.backward(), need_input_grad=False)  # nobody reads d(loss)/d(images)
                 self.optimizer.step()
                 self.step += 1
                 self.batch_in_epoch += 1

@@ -39,7 +39,7 @@ def relu_backward(dy, x, *, where="relu"):
     xp = namespace_of(dy, x, where=where)
     check_grad_shape(dy, x.shape, where)
     if backend.is_numpy(xp):
-        return np.where(x > 0, dy, dy.dtype.type(0))
+        return dy * (x > 0)  # a product, not np.where: same result for finite dy, several times faster
     return xp.where(x > 0, dy, xp.zeros_like(dy))
 
 

@@ -420,7 +420,10 @@ def _conv2d_backward_numpy(
     dbias = dy2.sum(axis=0) if has_bias else None  # (K,)
     if not need_input_grad:
         return None, dweight, dbias
-    if u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1):
+    # Stride 1: dx as a convolution of dy, unless dy's columns (H*W*K per
+    # tap) outweigh col2im's write and scatter-add of P*Q*C per tap (lenet's
+    # 6->16 layer: 3136 against 2 x 600).
+    if u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1) and H * W * K <= 2 * P * Q * C:
         dx = _conv2d_input_grad_as_convolution(dy, weight, (a, b), (dh, dw), H, W, workspace)
         return dx, dweight, dbias
     w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)

@@ -187,9 +187,11 @@ def _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q):
     argmax = np.zeros(best.shape, dtype=np.int64)  # (N, P, Q, C)
     for k, index in enumerate(taps, start=1):
         tap = xt[index]
-        greater = tap > best
-        np.copyto(best, tap, where=greater)
-        argmax[greater] = k
+        # Taps come in increasing k, so "set k where this tap is strictly
+        # greater" is a maximum with k * mask: elementwise ufuncs only, several
+        # times faster than boolean-mask assignment or np.where.
+        np.maximum(argmax, np.multiply(tap > best, k, dtype=np.int64), out=argmax)
+        np.maximum(best, tap, out=best)
     return best.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)  # (N, C, P, Q) views
 
 
@@ -197,7 +199,6 @@ def _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q):
     N, C, H, W = x_shape
     dyt, argt = dy.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)  # (N, P, Q, C)
     dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
-    zero = dy.dtype.type(0)
     for k, index in enumerate(_nhwc_taps(R, S, u, v, P, Q)):
-        dxpad[index] += np.where(argt == k, dyt, zero)
+        dxpad[index] += dyt * (argt == k)  # a product, not np.where: same result, several times faster
     return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view

@@ -1,0 +1,224 @@
+"""Smoke tests of ``portable-cnn bench``: tiny runs that finish, check their results and write their outputs.
+
+No test asserts a timing: the machine running CI is shared and slow. What is
+checked is that every configuration is measured and checked against the
+reference (native PyTorch where installed, our float64 NumPy code where not),
+that a wrong result is caught, that the JSON, the PNG and the table appear,
+and that the optional extras degrade with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from portable_cnn import backend as B
+from portable_cnn import bench, nn
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+# One step per repeat, one repeat, no time for more: the smallest run that goes through every stage.
+TINY = ["--repeats", "1", "--warmup", "1", "--repeat-seconds", "0.0001", "--max-seconds", "0", "--gap-seconds", "0", "--quiet"]
+
+
+def _run(tmp_path, *options):
+    json_path, plot_path = tmp_path / "out" / "bench.json", tmp_path / "out" / "bench.png"
+    status = bench.main([*TINY, "--json", str(json_path), "--plot", str(plot_path), *options])
+    return status, json_path, plot_path
+
+
+def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
+    markdown = tmp_path / "out" / "table.md"
+    status, json_path, plot_path = _run(tmp_path, "--nets", "lenet", "--batch-sizes", "4", "--markdown", str(markdown))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    data = json.loads(json_path.read_text())
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    expected = {"numpy"} | ({"torch", "pytorch-cpu"} if HAS_TORCH else set())
+    results = data["results"]
+    assert {r["backend"] for r in results} == expected
+    assert {(r["mode"], r["batch_size"], r["net"]) for r in results} == {("train", 4, "lenet"), ("infer", 4, "lenet")}
+    for r in results:
+        assert r["repeats"] >= 1 and r["steps_per_repeat"] >= 1
+        assert r["images_per_s"]["min"] <= r["images_per_s"]["median"] <= r["images_per_s"]["max"]
+        assert r["images_per_s"]["min"] > 0
+        assert r["check"]["ok"] and r["check"]["finite_every_repeat"], r
+        assert r["peak_rss_mb_process"] > 0
+        if r["reference"]:
+            continue
+        check = r["check"]
+        assert check["against"] == ("pytorch-cpu" if HAS_TORCH else "numpy-float64")
+        assert check["max_abs_diff"] <= 1e-4
+        if r["mode"] == "train":
+            # The first step's loss of a fresh 10-class net on random data is near log(10).
+            assert check["first_value"] > 0
+            assert check["first_value"] == pytest.approx(check["reference_value"], rel=1e-4, abs=1e-4)
+        if HAS_TORCH:
+            ratio = r["ratio_to_reference"]
+            assert ratio["reference"] == "pytorch-cpu" and ratio["min"] <= ratio["median"] <= ratio["max"]
+    numpy_train = next(r for r in results if r["backend"] == "numpy" and r["mode"] == "train")
+    assert numpy_train["traced_step_peak_mb"] > 0
+
+    env = data["environment"]
+    assert env["dtype"] == "float32" and env["versions"]["numpy"] == np.__version__
+    assert env["tf32"]["enabled"] is False
+    assert env["references"] == (["pytorch-cpu"] if HAS_TORCH else [])
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        assert any(row["user_api"] == "blas" for row in env["blas"])
+        assert "threads" in out and "kernel" in out
+    if HAS_TORCH:
+        assert env["torch"]["num_threads"] >= 1 and "torch.set_num_threads left at default" in out
+    # The table: a header and one row per measurement.
+    assert "images/s" in out and "vs PyTorch" in out
+    assert sum(line.startswith("lenet ") for line in out.splitlines()) == len(results)
+    assert data["gpu_vs_cpu"] == {"speedups": [], "overtakes": []}
+    table = markdown.read_text().splitlines()
+    assert table[0].startswith("| net | mode | batch |") and len(table) == 2 + len(results)
+
+
+def test_wrong_result_is_caught(tmp_path, capsys, monkeypatch):
+    """A ReLU that is 1% off in float32 must fail the first-step check against the reference."""
+    forward = nn.ReLU.forward
+
+    def off_by_one_percent(self, x):
+        y = forward(self, x)
+        return y * 1.01 if B.dtype_name(y) == "float32" else y  # the float64 oracle stays right
+
+    monkeypatch.setattr(nn.ReLU, "forward", off_by_one_percent)
+    status, json_path, _ = _run(tmp_path, "--nets", "digits", "--batch-sizes", "8", "--backends", "numpy", "--plot", "")
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "CHECK FAILED" in out and "FAIL" in out
+    numpy_rows = [r for r in json.loads(json_path.read_text())["results"] if r["backend"] == "numpy"]
+    assert numpy_rows and all(not r["check"]["ok"] for r in numpy_rows)
+
+
+def test_without_torch_checks_against_float64_numpy(tmp_path):
+    """A fresh interpreter where ``import torch`` fails, as on a machine without it."""
+    json_path = tmp_path / "bench.json"
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "from portable_cnn import bench\n"
+        f"status = bench.main({[*TINY, '--nets', 'digits', '--batch-sizes', '8', '--plot', '', '--json', str(json_path)]!r})\n"
+        "assert 'torch' not in {k.split('.')[0] for k in sys.modules if sys.modules[k] is not None}\n"
+        "sys.exit(status)\n"
+    )
+    root = Path(bench.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(json_path.read_text())
+    assert data["environment"]["backends"] == ["numpy"] and data["environment"]["references"] == []
+    assert "torch" not in data["environment"]["versions"]
+    assert "PyTorch not installed" in result.stdout
+    for r in data["results"]:
+        assert r["check"]["ok"] and r["check"]["against"] == "numpy-float64"
+        assert "ratio_to_reference" not in r
+    assert "n/a" in result.stdout
+
+
+def test_optional_extras_missing_degrade_with_a_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    status, json_path, plot_path = _run(
+        tmp_path, "--nets", "digits", "--batch-sizes", "8", "--backends", "numpy", "--no-reference", "--modes", "infer"
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert json_path.exists() and not plot_path.exists()
+    assert "matplotlib not installed" in out and "threadpoolctl not installed" in out
+    assert "portable-cnn[bench]" in out
+
+
+def test_breakdown_splits_the_step_and_counts_conv_flops(tmp_path, capsys):
+    status, json_path, _ = _run(
+        tmp_path, "--nets", "digits", "--batch-sizes", "8", "--backends", "numpy", "--no-reference",
+        "--modes", "train", "--breakdown", "--breakdown-steps", "1", "--plot", "",
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    (result,) = json.loads(json_path.read_text())["breakdown"]
+    rows = {row["category"]: row for row in result["rows"]}
+    for category in ("conv forward", "conv backward-data", "conv backward-weights", "pooling", "elementwise",
+                     "linear", "loss", "optimizer"):
+        assert category in rows and rows[category]["ms"] >= 0, category
+    assert result["loss_finite"]
+    # digits_net on 8 images of 1x8x8: conv 1->16 and conv 16->32, both 3x3 "same" on 8x8.
+    conv_gflop = 2 * 8 * 8 * 8 * (16 * 1 * 9 + 32 * 16 * 9) / 1e9
+    assert rows["conv forward"]["gflop"] == pytest.approx(conv_gflop)
+    assert rows["conv backward-weights"]["gflop"] == pytest.approx(conv_gflop)
+    assert rows["conv forward"]["gflop_per_s"] > 0
+    assert sum(row["ms"] for row in result["rows"]) == pytest.approx(result["step_ms"])
+    assert "breakdown: digits batch 8 on numpy" in out and "GFLOP/s" in out
+
+
+def test_stability_rule():
+    assert not bench._stable([1.0, 1.0], repeats=2, tol=0.02)  # fewer than 3 samples never counts as settled
+    assert bench._stable([1.0, 1.0, 1.0, 1.0], repeats=3, tol=0.02)
+    assert not bench._stable([1.0, 2.0, 3.0, 4.0], repeats=3, tol=0.02)
+    assert not bench._stable([1.0] * 5, repeats=7, tol=0.02)
+
+
+def _record(net, mode, batch, backend, speedup=None):
+    r = {"net": net, "mode": mode, "batch_size": batch, "backend": backend}
+    if speedup is not None:
+        r["speedup_over_numpy"] = {"median": speedup, "min": speedup, "max": speedup}
+    return r
+
+
+def test_gpu_overtakes_cpu_is_the_first_batch_from_which_it_stays_ahead():
+    records = []
+    for batch, speedup in ((32, 0.5), (128, 1.5), (256, 0.9), (512, 3.0), (1024, 6.0)):
+        records += [_record("lenet", "train", batch, "numpy"), _record("lenet", "train", batch, "cupy", speedup)]
+    records += [_record("lenet", "infer", 32, "numpy"), _record("lenet", "infer", 32, "cupy", 0.4)]
+    rows, overtakes = bench._gpu_comparison(records)
+    assert [row["batch_size"] for row in rows if row["mode"] == "train"] == [32, 128, 256, 512, 1024]
+    by_mode = {o["mode"]: o["gpu_overtakes_cpu_at_batch"] for o in overtakes}
+    assert by_mode == {"train": 512, "infer": None}
+
+
+def test_add_bench_parser_registers_the_subcommand():
+    parser = argparse.ArgumentParser(prog="portable-cnn")
+    bench.add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--nets", "vgg-small", "--batch-sizes", "16,64", "--tf32"])
+    assert args.func is bench.run_bench
+    assert args.nets == ["vgg-small"] and args.batch_sizes == [16, 64] and args.tf32
+    assert args.repeats == 7 and args.json_path == "bench-results/bench.json"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--nets", "resnet"])
+
+
+def test_unavailable_backend_is_a_clear_error_through_the_command(capsys, monkeypatch):
+    from portable_cnn import cli
+
+    monkeypatch.setattr(B, "cupy_status", lambda: (False, "no CUDA device visible"))
+    assert cli.main(["bench", *TINY, "--backends", "cupy", "--json", "", "--plot", ""]) == 2
+    assert "backend 'cupy' cannot run here: no CUDA device visible" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cupy_against_numpy_and_cudnn(tmp_path, capsys):
+    ok, why = B.cupy_status()
+    if not ok:
+        pytest.skip(f"CuPy backend unavailable: {why}")
+    status, json_path, _ = _run(tmp_path, "--nets", "lenet", "--batch-sizes", "8,32", "--backends", "numpy,cupy")
+    out = capsys.readouterr().out
+    assert status == 0, out
+    data = json.loads(json_path.read_text())
+    cupy_rows = [r for r in data["results"] if r["backend"] == "cupy"]
+    assert cupy_rows and all(r["check"]["ok"] and r["speedup_over_numpy"]["median"] > 0 for r in cupy_rows)
+    assert all(r["device_peak_mb"] > 0 for r in cupy_rows)
+    assert len(data["gpu_vs_cpu"]["speedups"]) == 4 and "GPU overtakes the CPU" in out
+    assert data["environment"]["tf32"]["enabled"] is False
+    if "pytorch-cuda" in data["environment"]["references"]:
+        assert all(r["ratio_to_reference"]["reference"] == "pytorch-cuda" for r in cupy_rows)
