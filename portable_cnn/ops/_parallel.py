@@ -1,9 +1,10 @@
-"""Memory-bound NumPy copies split over the CPU cores.
+"""Memory-bound NumPy work split over the CPU cores.
 
-BLAS runs the GEMMs on every core, but a NumPy copy runs on one; im2col and
-padding are pure copies as large as the GEMMs' operands. NumPy releases the
-GIL while it copies, so a small thread pool copying slices of the batch axis
-uses the other cores. ``PORTABLE_CNN_NUM_THREADS`` sets the pool size
+BLAS runs the GEMMs on every core, but a NumPy copy or ufunc runs on one;
+im2col and padding are pure copies as large as the GEMMs' operands, and the
+activations are one pass each over arrays as large. NumPy releases the GIL
+while it copies or runs a ufunc loop, so a small thread pool working on
+slices of the batch axis uses the other cores. ``PORTABLE_CNN_NUM_THREADS`` sets the pool size
 (default: the cores this process may use; 1 turns it off).
 """
 
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["parallel_copy", "num_threads"]
+__all__ = ["parallel_copy", "parallel_apply", "num_threads"]
 
 _MIN_BYTES_PER_THREAD = 1 << 20  # below ~1 MB a copy is over before a thread wakes
 _pool: ThreadPoolExecutor | None = None
@@ -34,15 +35,30 @@ def num_threads() -> int:
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src``, split along axis 0 over the thread pool when large."""
+    parallel_apply(np.copyto, dst, src)
+
+
+def parallel_apply(func, out: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
+    """``func(out[i:j], *(a[i:j] for a in inputs))`` over slices of axis 0, on the thread pool.
+
+    ``func`` writes its first argument (a ufunc called with ``out=``, or
+    ``np.copyto``); every array must share the length of axis 0. Small arrays
+    run in the calling thread. Returns ``out``.
+    """
     global _pool, _pool_size
-    threads = min(num_threads(), dst.shape[0] if dst.ndim else 1, max(1, dst.nbytes // _MIN_BYTES_PER_THREAD))
+    threads = min(num_threads(), out.shape[0] if out.ndim else 1, max(1, out.nbytes // _MIN_BYTES_PER_THREAD))
     if threads <= 1:
-        np.copyto(dst, src)
-        return
+        func(out, *inputs)
+        return out
     if _pool is None or _pool_size < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable_cnn_copy")
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable_cnn")
         _pool_size = threads
-    bounds = np.linspace(0, dst.shape[0], threads + 1).astype(int)
-    jobs = [_pool.submit(np.copyto, dst[lo:hi], src[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    bounds = np.linspace(0, out.shape[0], threads + 1).astype(int)
+    jobs = [
+        _pool.submit(func, out[lo:hi], *(a[lo:hi] for a in inputs))
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+        if hi > lo
+    ]
     for job in jobs:
         job.result()
+    return out

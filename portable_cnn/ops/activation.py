@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import backend
 from ._checks import check_float, check_grad_shape, namespace_of
+from ._parallel import parallel_apply
 
 __all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward"]
 
@@ -30,7 +31,8 @@ def relu(x, *, where="relu"):
     """
     xp = _float_namespace(x, where)
     if backend.is_numpy(xp):
-        return np.maximum(x, x.dtype.type(0))  # one pass, keeps the memory layout
+        # One pass on every core; empty_like keeps x's memory layout.
+        return parallel_apply(_relu_into, np.empty_like(x), x)
     return xp.where(x > 0, x, xp.zeros_like(x))
 
 
@@ -39,8 +41,17 @@ def relu_backward(dy, x, *, where="relu"):
     xp = namespace_of(dy, x, where=where)
     check_grad_shape(dy, x.shape, where)
     if backend.is_numpy(xp):
-        return dy * (x > 0)  # a product, not np.where: same result for finite dy, several times faster
+        # A product, not np.where: the same result for finite dy, several times faster.
+        return parallel_apply(_relu_backward_into, np.empty_like(dy), dy, x)
     return xp.where(x > 0, dy, xp.zeros_like(dy))
+
+
+def _relu_into(out, x):
+    np.maximum(x, x.dtype.type(0), out=out)
+
+
+def _relu_backward_into(out, dy, x):
+    np.multiply(dy, x > 0, out=out)
 
 
 def sigmoid(x, *, where="sigmoid"):

@@ -31,7 +31,7 @@ import numpy as np
 from .. import backend
 from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
-from ._parallel import parallel_copy
+from ._parallel import parallel_apply, parallel_copy
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
 __all__ = [
@@ -392,6 +392,10 @@ def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="cols"):
     return cols.reshape(N * P * Q, R * S * C)
 
 
+def _add_bias_into(out, y, bias):
+    np.add(y, bias, out=out)
+
+
 def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=None):
     """Forward in the channels-last layout; returns ``(y, cols)``."""
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
@@ -401,7 +405,7 @@ def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=No
     w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
     y = cols @ w2.T  # (N*P*Q, K)
     if bias is not None:
-        y += bias
+        parallel_apply(_add_bias_into, y, y, np.broadcast_to(bias, y.shape))
     return y.reshape(N, P, Q, K).transpose(0, 3, 1, 2), cols  # (N, K, P, Q) view of (N, P, Q, K)
 
 
