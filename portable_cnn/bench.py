@@ -87,7 +87,7 @@ CHECK_TOLERANCES = {
     "tf32": {"rtol": 2e-2, "atol": 2e-2},
 }
 MAX_STEPS_PER_REPEAT = {"train": 50, "infer": 200}
-BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------
