@@ -392,6 +392,21 @@ def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="cols"):
     return cols.reshape(N * P * Q, R * S * C)
 
 
+def _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None):
+    """One input channel: the transposed im2col matrix ``(R*S, N*P*Q)``, a tap per row.
+
+    With C = 1 (a grey-scale first layer) a channels-last row would be runs
+    of S floats; copying each tap's whole (N, P, Q) slice instead moves runs
+    of Q floats into a contiguous row, about 2.5x faster for lenet.
+    """
+    N = x.shape[0]
+    xpad = _padded_nhwc(x, a, b, workspace, "cols.pad")[..., 0]  # (N, H+2a, W+2b)
+    cols = _buffer(workspace, "cols", (R * S, N, P, Q), x.dtype)
+    for k, (r, s) in enumerate((r, s) for r in range(R) for s in range(S)):
+        np.copyto(cols[k], xpad[:, r * dh : r * dh + u * (P - 1) + 1 : u, s * dw : s * dw + v * (Q - 1) + 1 : v])
+    return cols.reshape(R * S, N * P * Q)
+
+
 def _add_bias_into(out, y, bias):
     np.add(y, bias, out=out)
 
@@ -401,9 +416,13 @@ def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=No
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C = x.shape[:2]
     K, _, R, S = weight.shape
-    cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
     w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
-    y = cols @ w2.T  # (N*P*Q, K)
+    if C == 1:
+        cols = _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (R*S, N*P*Q)
+        y = cols.T @ w2.T  # (N*P*Q, K)
+    else:
+        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
+        y = cols @ w2.T  # (N*P*Q, K)
     if bias is not None:
         parallel_apply(_add_bias_into, y, y, np.broadcast_to(bias, y.shape))
     return y.reshape(N, P, Q, K).transpose(0, 3, 1, 2), cols  # (N, K, P, Q) view of (N, P, Q, K)
@@ -416,10 +435,15 @@ def _conv2d_backward_numpy(
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
-    if cols is None:
-        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
     dy2 = dy.transpose(0, 2, 3, 1).reshape(N * P * Q, K)  # (N*P*Q, K), a view when dy is channels-last
-    dweight = (dy2.T @ cols).reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
+    if C == 1:
+        if cols is None:
+            cols = _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (R*S, N*P*Q)
+        dweight = (cols @ dy2).T.reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
+    else:
+        if cols is None:
+            cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
+        dweight = (dy2.T @ cols).reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
     dweight = np.ascontiguousarray(dweight)
     # A GEMV, not dy2.sum(axis=0): NumPy sums a tall narrow matrix's columns ~10x slower.
     dbias = np.ones(N * P * Q, dtype=dy2.dtype) @ dy2 if has_bias else None  # (K,)
