@@ -285,7 +285,7 @@ def _load_checkpoint(path):
 
 @contextmanager
 def _cpu_threads(args, model_name: str, backend_name: str):
-    """Limit the BLAS thread pool on the CPU for the duration of a command.
+    """Limit the BLAS threads and portable_cnn's own CPU threads for the duration of a command.
 
     The digits net's matrix products are so small that splitting them over
     threads costs more than it gains; on a busy 2-core machine OpenBLAS's
@@ -301,8 +301,15 @@ def _cpu_threads(args, model_name: str, backend_name: str):
         _say(args, "note: threadpoolctl is not installed; --threads has no effect")
         yield
         return
-    with threadpool_limits(limits=threads, user_api="blas"):
-        yield
+    from .ops import _parallel
+
+    previous = _parallel.num_threads() if _parallel._threads_override is not None else None
+    _parallel.set_num_threads(threads)  # the NumPy fast paths' own thread pool follows --threads too
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
+    finally:
+        _parallel.set_num_threads(previous)
 
 
 def _count_parameters(model) -> int:

@@ -312,19 +312,3 @@ def test_cupy_working_device_is_chosen_by_auto(monkeypatch):
     assert B.cupy_status() == (True, "CUDA device 0: Fake GPU 9000")
     assert B.resolve_backend("auto") == ("cupy", "using CuPy on CUDA device 0: Fake GPU 9000")
 
-
-@pytest.mark.parametrize("preset, expected", [(None, "4"), ("28", "28")])
-def test_openblas_threads_sleep_after_work_unless_the_user_says_otherwise(preset, expected):
-    """Importing portable_cnn before NumPy sets OPENBLAS_THREAD_TIMEOUT=4, and never overrides a set value."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    if preset is not None:
-        env["OPENBLAS_THREAD_TIMEOUT"] = preset
-    out = subprocess.run(
-        [sys.executable, "-c", "import os, portable_cnn; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert out == expected

@@ -10,20 +10,35 @@ slices of the batch axis uses the other cores. ``PORTABLE_CNN_NUM_THREADS`` sets
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["parallel_copy", "parallel_apply", "num_threads"]
+__all__ = ["parallel_copy", "parallel_apply", "batch_parallel", "num_threads", "set_num_threads"]
 
 _MIN_BYTES_PER_THREAD = 1 << 20  # below ~1 MB a copy is over before a thread wakes
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_blas_controller = None
+
+
+_threads_override: int | None = None
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Use ``threads`` threads for the NumPy fast paths (``None``: back to the default)."""
+    global _threads_override
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"set_num_threads: expected a positive integer or None, got {threads!r}")
+    _threads_override = None if threads is None else int(threads)
 
 
 def num_threads() -> int:
-    """Threads used for large copies."""
+    """Threads used by the NumPy fast paths: :func:`set_num_threads`, else the environment, else the cores."""
+    if _threads_override is not None:
+        return _threads_override
     setting = os.environ.get("PORTABLE_CNN_NUM_THREADS")
     if setting:
         return max(1, int(setting))
@@ -31,6 +46,71 @@ def num_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable_cnn")
+        _pool_size = threads
+    return _pool
+
+
+def _with_callers_errstate(func):
+    """``func`` to run on a pool thread under the caller's ``np.errstate``.
+
+    NumPy keeps the floating-point error settings per thread (per context),
+    so a caller's ``np.errstate(over="ignore")`` would not reach the pool.
+    """
+    settings = np.geterr()
+
+    def run(*args):
+        with np.errstate(**settings):
+            return func(*args)
+
+    return run
+
+
+def _single_threaded_blas():
+    """BLAS limited to one thread while the block runs (threadpoolctl); a no-op without threadpoolctl."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a base dependency
+        return contextlib.nullcontext()
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()  # scans the loaded libraries once
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+_MIN_FLOPS_PER_THREAD = 2_000_000  # ~20 us of GEMM: below it, waking a thread costs more
+
+
+def batch_parallel(work, n: int, *, flops: float | None = None) -> None:
+    """Run ``work(lo, hi, slot)`` on one contiguous part of ``range(n)`` per thread.
+
+    Data parallelism over the batch: each thread unfolds and multiplies its
+    own samples with single-threaded BLAS, so both cores do copies and GEMMs
+    at once instead of taking turns (a GEMM on both cores, then a copy on
+    one), and each core's blocks stay in its own cache. ``slot`` numbers the
+    parts (0, 1, ...) for per-thread buffers. ``work`` must not use this pool
+    itself. Outputs written for samples ``lo:hi`` need no locks. With
+    ``flops`` (the work's size) small jobs run in the calling thread.
+    """
+    threads = min(num_threads(), n)
+    if flops is not None:
+        threads = min(threads, max(1, int(flops // _MIN_FLOPS_PER_THREAD)))
+    if threads <= 1:
+        with _single_threaded_blas():
+            work(0, n, 0)
+        return
+    pool = _executor(threads)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    with _single_threaded_blas():
+        work = _with_callers_errstate(work)
+        jobs = [pool.submit(work, lo, hi, slot) for slot, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        for job in jobs:
+            job.result()
 
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
@@ -45,17 +125,15 @@ def parallel_apply(func, out: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
     ``np.copyto``); every array must share the length of axis 0. Small arrays
     run in the calling thread. Returns ``out``.
     """
-    global _pool, _pool_size
     threads = min(num_threads(), out.shape[0] if out.ndim else 1, max(1, out.nbytes // _MIN_BYTES_PER_THREAD))
     if threads <= 1:
         func(out, *inputs)
         return out
-    if _pool is None or _pool_size < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="portable_cnn")
-        _pool_size = threads
+    pool = _executor(threads)
     bounds = np.linspace(0, out.shape[0], threads + 1).astype(int)
+    func = _with_callers_errstate(func)
     jobs = [
-        _pool.submit(func, out[lo:hi], *(a[lo:hi] for a in inputs))
+        pool.submit(func, out[lo:hi], *(a[lo:hi] for a in inputs))
         for lo, hi in zip(bounds[:-1], bounds[1:])
         if hi > lo
     ]

@@ -31,7 +31,7 @@ import numpy as np
 from .. import backend
 from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
-from ._parallel import parallel_apply, parallel_copy
+from ._parallel import batch_parallel, parallel_copy
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
 __all__ = [
@@ -233,9 +233,10 @@ def conv2d(
     -------
     y : array, shape (N, K, P, Q)
     cols : array, only with ``return_cols``
-        The im2col matrix, opaque: pass it to :func:`conv2d_backward` of
-        the same backend. ``(N*P*Q, C*R*S)`` on the standard path; NumPy's
-        fast path orders its columns ``(R, S, C)`` instead.
+        The im2col matrix ``(N*P*Q, C*R*S)``, opaque: pass it to
+        :func:`conv2d_backward` of the same backend. ``None`` where the
+        columns are not kept: NumPy's cache-blocked fast path recomputes
+        them block by block, and a batch split by the workspace limit too.
 
     Examples
     --------
@@ -250,7 +251,7 @@ def conv2d(
         x.shape, weight.shape, stride, padding, dilation, where
     )
     chunk = _batch_chunk(x.shape, weight.shape, P, Q, x.dtype)
-    if chunk < N:
+    if chunk < N and not backend.is_numpy(xp):  # NumPy's fast path blocks the batch itself
         # The whole batch's im2col matrix would exceed the workspace limit:
         # convolve slices of the batch; the backward recomputes their columns.
         y = xp.concat(
@@ -310,7 +311,7 @@ def conv2d_backward(
     if tuple(dy.shape) != (N, K, P, Q):
         raise ValueError(f"{where}: expected output gradient of shape {(N, K, P, Q)}, got {tuple(dy.shape)}")
     chunk = _batch_chunk(x.shape, weight.shape, P, Q, x.dtype)
-    if cols is None and chunk < N:
+    if cols is None and chunk < N and not backend.is_numpy(xp):
         parts = [
             conv2d_backward(
                 dy[i : i + chunk, ...], x[i : i + chunk, ...], weight, stride, padding, dilation,
@@ -342,21 +343,33 @@ def conv2d_backward(
 
 
 # --- NumPy fast path ------------------------------------------------------
-# Activations stay channels-last in memory: conv2d returns an (N, K, P, Q)
-# *view* of an (N, P, Q, K) GEMM result, and every NumPy fast path reads its
-# input through ``x.transpose(0, 2, 3, 1)``, which is then contiguous. In that
-# layout one im2col row is R runs of S*C contiguous floats (not C*R runs of S),
-# so the one copy that im2col makes moves long runs, and the GEMM output needs
-# no transpose copy at all. Columns are ordered (R, S, C); the weight is
-# reordered to match, which is cheap (it is small).
+# Three choices make NumPy convolutions fast here:
+#
+# * Channels-last memory. conv2d returns an (N, K, P, Q) *view* of an
+#   (N, P, Q, K) GEMM result, and the fast paths read their input through
+#   ``x.transpose(0, 2, 3, 1)``, which is then contiguous. In that layout an
+#   im2col row is R runs of S*C contiguous floats (not C*R runs of S), and
+#   the GEMM output needs no transpose copy. Columns are ordered (R, S, C);
+#   the small weight is reordered to match.
+# * Data parallelism over the batch (``batch_parallel``): each core unfolds
+#   and multiplies its own half of the batch with single-threaded BLAS, so
+#   both cores copy and multiply at once instead of taking turns.
+# * Cache blocking: each core works a few samples at a time, so a block's
+#   im2col matrix (a few MB) is written and read back by the GEMM in cache;
+#   the whole batch's would be 150 MB for vgg-small. The backward recomputes
+#   the blocks rather than keeping them, which also bounds memory.
+# Together about 1.5-2x faster than one whole-batch im2col and one GEMM on
+# both cores (vgg-small layers, 2 cores; benchmarks/README.md).
+
+_BLOCK_BYTES = 4 << 20  # one block's im2col matrix; 1-8 MB measured alike here
 
 
 def _buffer(workspace, tag, shape, dtype, *, zeroed=False):
     """An array of ``shape`` kept in ``workspace`` (a dict a layer owns) and reused across calls.
 
-    Fresh memory costs a page fault per 4 KiB on first touch, which for an
-    im2col matrix of 100+ MB takes as long as the copy into it. Only arrays
-    that never leave the op live here (padded inputs, im2col matrices).
+    Fresh memory costs a page fault per 4 KiB on first touch, which here
+    takes as long as the copy into it. Only arrays that never leave the op
+    live in the workspace (padded inputs, im2col blocks).
     """
     if workspace is None:
         return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
@@ -379,110 +392,139 @@ def _padded_nhwc(x, a, b, workspace=None, tag="pad"):
     return xpad
 
 
-def _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="cols"):
-    """Rows ``(n, p, q)``, columns ``(r, s, c)``: shape (N*P*Q, R*S*C)."""
-    N, C = x.shape[:2]
+def _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="x"):
+    """A read-only ``(N, P, Q, R, S, C)`` strided view: ``[n, p, q]`` is im2col row ``(n, p, q)``."""
     xpad = _padded_nhwc(x, a, b, workspace, tag + ".pad")  # (N, H+2a, W+2b, C)
+    N, C = x.shape[:2]
     sN, sH, sW, sC = xpad.strides
-    view = np.lib.stride_tricks.as_strided(
+    return np.lib.stride_tricks.as_strided(
         xpad, shape=(N, P, Q, R, S, C), strides=(sN, u * sH, v * sW, dh * sH, dw * sW, sC), writeable=False
     )  # (N, P, Q, R, S, C)
-    cols = _buffer(workspace, tag, (N, P, Q, R, S, C), x.dtype)
-    parallel_copy(cols, view)
-    return cols.reshape(N * P * Q, R * S * C)
 
 
-def _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None):
-    """One input channel: the transposed im2col matrix ``(R*S, N*P*Q)``, a tap per row.
+class _Unfolder:
+    """im2col of sample blocks ``i:j`` into one thread's reused buffer.
 
-    With C = 1 (a grey-scale first layer) a channels-last row would be runs
-    of S floats; copying each tap's whole (N, P, Q) slice instead moves runs
-    of Q floats into a contiguous row, about 2.5x faster for lenet.
+    With several channels a block is ``(rows, R*S*C)``. With one channel a
+    channels-last row would be runs of S floats, so the buffer holds a tap per
+    row instead, ``(R*S, rows)``, filled a whole (n, P, Q) slice at a time
+    (runs of Q floats), and the block is its transpose: the same matrix to the
+    GEMM, about 2.5x faster to fill for lenet's first layer.
     """
-    N = x.shape[0]
-    xpad = _padded_nhwc(x, a, b, workspace, "cols.pad")[..., 0]  # (N, H+2a, W+2b)
-    cols = _buffer(workspace, "cols", (R * S, N, P, Q), x.dtype)
-    for k, (r, s) in enumerate((r, s) for r in range(R) for s in range(S)):
-        np.copyto(cols[k], xpad[:, r * dh : r * dh + u * (P - 1) + 1 : u, s * dw : s * dw + v * (Q - 1) + 1 : v])
-    return cols.reshape(R * S, N * P * Q)
+
+    def __init__(self, windows, block, workspace, tag):
+        N, P, Q, R, S, C = windows.shape
+        self.windows, self.rows_per_sample = windows, P * Q
+        self.taps_first = C == 1
+        shape = (R * S, block * P * Q) if self.taps_first else (block, P, Q, R, S, C)
+        self.buf = _buffer(workspace, tag, shape, windows.dtype)
+
+    def __call__(self, i, j):
+        N, P, Q, R, S, C = self.windows.shape
+        rows = (j - i) * P * Q
+        if self.taps_first:
+            for r in range(R):
+                for s in range(S):
+                    np.copyto(self.buf[r * S + s, :rows].reshape(j - i, P, Q), self.windows[i:j, :, :, r, s, 0])
+            return self.buf[:, :rows].T  # (rows, R*S)
+        block = self.buf[: j - i]  # (j-i, P, Q, R, S, C)
+        np.copyto(block, self.windows[i:j])
+        return block.reshape(rows, R * S * C)
 
 
-def _add_bias_into(out, y, bias):
-    np.add(y, bias, out=out)
+def _samples_per_block(per_sample_bytes, limit_chunk):
+    return max(1, min(limit_chunk, _BLOCK_BYTES // max(1, per_sample_bytes)))
 
 
 def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=None):
-    """Forward in the channels-last layout; returns ``(y, cols)``."""
+    """Forward: channels-last, data-parallel, cache-blocked; returns ``(y, None)`` (no columns kept)."""
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C = x.shape[:2]
     K, _, R, S = weight.shape
-    w2 = weight.transpose(0, 2, 3, 1).reshape(K, R * S * C)  # (K, R*S*C)
-    if C == 1:
-        cols = _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (R*S, N*P*Q)
-        y = cols.T @ w2.T  # (N*P*Q, K)
-    else:
-        cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
-        y = cols @ w2.T  # (N*P*Q, K)
-    if bias is not None:
-        parallel_apply(_add_bias_into, y, y, np.broadcast_to(bias, y.shape))
-    return y.reshape(N, P, Q, K).transpose(0, 3, 1, 2), cols  # (N, K, P, Q) view of (N, P, Q, K)
+    w2t = weight.transpose(2, 3, 1, 0).reshape(R * S * C, K)  # (R*S*C, K)
+    windows = _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N, P, Q, R, S, C)
+    y = np.empty((N, P, Q, K), dtype=x.dtype)  # (N, P, Q, K)
+    block = _samples_per_block(P * Q * R * S * C * x.itemsize, _batch_chunk(x.shape, weight.shape, P, Q, x.dtype))
+
+    def work(lo, hi, slot):
+        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}")
+        for i in range(lo, hi, block):
+            j = min(hi, i + block)
+            out = y[i:j].reshape((j - i) * P * Q, K)  # (rows, K)
+            np.matmul(unfold(i, j), w2t, out=out)
+            if bias is not None:
+                out += bias
+
+    batch_parallel(work, N, flops=2 * N * P * Q * K * R * S * C)
+    return y.transpose(0, 3, 1, 2), None  # (N, K, P, Q) view of (N, P, Q, K)
 
 
 def _conv2d_backward_numpy(
     dy, x, weight, stride, padding, dilation, P, Q, cols, has_bias, need_input_grad, workspace=None
 ):
-    """Backward in the channels-last layout; ``cols`` from :func:`_conv2d_numpy` or None."""
+    """Backward: channels-last, data-parallel, cache-blocked (``cols`` unused: blocks are recomputed).
+
+    Per block of samples: ``dW += dY2.T @ cols`` and ``db += 1 @ dY2`` into
+    the thread's own partial sums, and ``dx`` for those samples, either as a
+    convolution of dy (stride 1, see :func:`conv2d_backward`) or by col2im.
+    """
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
-    dy2 = dy.transpose(0, 2, 3, 1).reshape(N * P * Q, K)  # (N*P*Q, K), a view when dy is channels-last
-    if C == 1:
-        if cols is None:
-            cols = _im2col_taps(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (R*S, N*P*Q)
-        dweight = (cols @ dy2).T.reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
-    else:
-        if cols is None:
-            cols = _im2col_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N*P*Q, R*S*C)
-        dweight = (dy2.T @ cols).reshape(K, R, S, C).transpose(0, 3, 1, 2)  # (K, C, R, S)
-    dweight = np.ascontiguousarray(dweight)
-    # A GEMV, not dy2.sum(axis=0): NumPy sums a tall narrow matrix's columns ~10x slower.
-    dbias = np.ones(N * P * Q, dtype=dy2.dtype) @ dy2 if has_bias else None  # (K,)
-    if not need_input_grad:
-        return None, dweight, dbias
+    dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, K), contiguous when dy is channels-last
+    limit_chunk = _batch_chunk(x.shape, weight.shape, P, Q, x.dtype)
+    windows = _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N, P, Q, R, S, C)
+    block = _samples_per_block(P * Q * R * S * C * x.itemsize, limit_chunk)
     # Stride 1: dx as a convolution of dy, unless dy's columns (H*W*K per
     # tap) outweigh col2im's write and scatter-add of P*Q*C per tap (lenet's
     # 6->16 layer: 3136 against 2 x 600).
-    if u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1) and H * W * K <= 2 * P * Q * C:
-        dx = _conv2d_input_grad_as_convolution(dy, weight, (a, b), (dh, dw), H, W, workspace)
-        return dx, dweight, dbias
-    # col2im, tap by tap: one GEMM per kernel tap gives that tap's (N*P*Q, C)
-    # block contiguous, so each scatter-add moves runs of Q*C floats (for
-    # stride 1), not runs of C as slicing an (N, P, Q, R, S, C) matrix would.
-    w_taps = weight.transpose(2, 3, 0, 1).reshape(R * S, K, C)  # (R*S, K, C)
-    dcols = np.matmul(dy2[None], w_taps).reshape(R * S, N, P, Q, C)  # (R*S, N, P, Q, C)
-    dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
-    for r in range(R):
-        for s in range(S):
-            h0, w0 = r * dh, s * dw
-            dxpad[:, h0 : h0 + u * (P - 1) + 1 : u, w0 : w0 + v * (Q - 1) + 1 : v, :] += dcols[r * S + s]
+    as_convolution = u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1) and H * W * K <= 2 * P * Q * C
+    if need_input_grad and as_convolution:
+        # dx = conv(dy padded by d(R-1)-a, rot180(W) with K and C swapped): docs/derivation.md, section 5.
+        dy_windows = _windows_nhwc(
+            dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, workspace, "dy"
+        )  # (N, H, W, R, S, K)
+        w_rot_t = weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(R * S * K, C)  # (R*S*K, C)
+        dx = np.empty((N, H, W, C), dtype=dy.dtype)  # (N, H, W, C)
+        block = min(block, _samples_per_block(H * W * R * S * K * dy.itemsize, limit_chunk))
+    elif need_input_grad:
+        # col2im tap by tap: one GEMM per tap gives its (rows, C) block
+        # contiguous, so each scatter-add moves runs of Q*C floats.
+        w_taps = weight.transpose(2, 3, 0, 1).reshape(R * S, K, C)  # (R*S, K, C)
+        dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
+    partial_dw, partial_db = {}, {}
+
+    def work(lo, hi, slot):
+        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}")
+        unfold_dy = _Unfolder(dy_windows, block, workspace, f"dy_cols.{slot}") if need_input_grad and as_convolution else None
+        dw2 = np.zeros((K, R * S * C), dtype=x.dtype)  # (K, R*S*C)
+        db = np.zeros(K, dtype=x.dtype)  # (K,)
+        ones = np.ones(block * P * Q, dtype=x.dtype)
+        for i in range(lo, hi, block):
+            j = min(hi, i + block)
+            rows = (j - i) * P * Q
+            dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
+            dw2 += dy2.T @ unfold(i, j)  # (K, R*S*C)
+            db += ones[:rows] @ dy2  # a GEMV: NumPy's column sum of a narrow matrix is ~10x slower
+            if unfold_dy is not None:
+                np.matmul(unfold_dy(i, j), w_rot_t, out=dx[i:j].reshape((j - i) * H * W, C))  # (rows, C)
+            elif need_input_grad:
+                dcols = np.matmul(dy2[None], w_taps).reshape(R * S, j - i, P, Q, C)  # (R*S, j-i, P, Q, C)
+                for r in range(R):
+                    for s in range(S):
+                        h0, w0 = r * dh, s * dw
+                        dxpad[i:j, h0 : h0 + u * (P - 1) + 1 : u, w0 : w0 + v * (Q - 1) + 1 : v, :] += dcols[r * S + s]
+        partial_dw[slot], partial_db[slot] = dw2, db
+
+    batch_parallel(work, N, flops=(4 if need_input_grad else 2) * N * P * Q * K * R * S * C)
+    dw2, db = partial_dw.pop(0), partial_db.pop(0)
+    for slot in partial_dw:
+        dw2 += partial_dw[slot]
+        db += partial_db[slot]
+    dweight = np.ascontiguousarray(dw2.reshape(K, R, S, C).transpose(0, 3, 1, 2))  # (K, C, R, S)
+    dbias = db if has_bias else None
+    if not need_input_grad:
+        return None, dweight, dbias
+    if as_convolution:
+        return dx.transpose(0, 3, 1, 2), dweight, dbias  # (N, C, H, W) view of (N, H, W, C)
     return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2), dweight, dbias  # (N, C, H, W) view
-
-
-def _conv2d_input_grad_as_convolution(dy, weight, padding, dilation, H, W, workspace=None):
-    """dx for stride 1 as a convolution: im2col of ``dy`` and one GEMM, no scatter-add.
-
-    With ``t = d_h (R - 1) - a`` rows of zeros around ``dy`` (and likewise
-    for columns), ``dx = conv2d(pad(dy, t), rot180(W) with K and C swapped,
-    dilation d)`` (docs/derivation.md, section 5). This reads ``dy`` through
-    im2col, a copy of long contiguous runs, instead of scattering
-    ``R*S`` strided additions into ``dx``: about twice as fast here.
-    """
-    (a, b), (dh, dw) = padding, dilation
-    K, C, R, S = weight.shape
-    N = dy.shape[0]
-    cols = _im2col_nhwc(
-        dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, workspace, "dy_cols"
-    )  # (N*H*W, R*S*K)
-    w_rot = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(C, R * S * K)  # (C, R*S*K)
-    dx = cols @ w_rot.T  # (N*H*W, C)
-    return dx.reshape(N, H, W, C).transpose(0, 3, 1, 2)  # (N, C, H, W) view of (N, H, W, C)

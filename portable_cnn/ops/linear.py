@@ -10,8 +10,11 @@ backward is the two transposed GEMMs (docs/derivation.md, section 9)::
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ._checks import check_float, check_grad_shape, check_ndim, namespace_of
+from ._parallel import batch_parallel
 
 __all__ = ["linear", "linear_backward", "flatten", "flatten_backward"]
 
@@ -53,7 +56,9 @@ def linear(x, weight, bias=None, *, where="linear"):
     >>> linear(np.ones((1, 3)), np.arange(6.0).reshape(2, 3), np.array([0.5, -0.5]))
     array([[ 3.5, 11.5]])
     """
-    _check(x, weight, bias, where)
+    xp = _check(x, weight, bias, where)
+    if backend.is_numpy(xp):
+        return _linear_numpy(x, weight, bias)
     y = x @ weight.T  # (N, out)
     return y if bias is None else y + bias
 
@@ -67,10 +72,50 @@ def linear_backward(dy, x, weight, *, has_bias=True, need_input_grad=True, where
     namespace_of(dy, x, where=where)
     if tuple(dy.shape) != (x.shape[0], weight.shape[0]):
         raise ValueError(f"{where}: expected output gradient of shape {(x.shape[0], weight.shape[0])}, got {tuple(dy.shape)}")
+    if backend.is_numpy(xp):
+        return _linear_backward_numpy(dy, x, weight, has_bias, need_input_grad)
     dx = dy @ weight if need_input_grad else None  # (N, in)
     dweight = dy.T @ x  # (out, in)
     dbias = xp.sum(dy, axis=0) if has_bias else None  # (out,)
     return dx, dweight, dbias
+
+
+# --- NumPy fast path ------------------------------------------------------
+# The same GEMMs, split over the batch on portable_cnn's own threads with
+# single-threaded BLAS, as the convolutions are (conv.py). Then no GEMM of a
+# training step wakes OpenBLAS's own worker threads, which would spin for
+# ~0.1 s after each call and take a core from the next convolution.
+
+
+def _linear_numpy(x, weight, bias):
+    N, out_features = x.shape[0], weight.shape[0]
+    y = np.empty((N, out_features), dtype=x.dtype)  # (N, out)
+
+    def work(lo, hi, slot):
+        np.matmul(x[lo:hi], weight.T, out=y[lo:hi])
+        if bias is not None:
+            y[lo:hi] += bias
+
+    batch_parallel(work, N, flops=2 * N * out_features * x.shape[1])
+    return y
+
+
+def _linear_backward_numpy(dy, x, weight, has_bias, need_input_grad):
+    N, (out_features, in_features) = x.shape[0], weight.shape
+    dx = np.empty((N, in_features), dtype=dy.dtype) if need_input_grad else None  # (N, in)
+    partial = {}
+
+    def work(lo, hi, slot):
+        if need_input_grad:
+            np.matmul(dy[lo:hi], weight, out=dx[lo:hi])
+        partial[slot] = (dy[lo:hi].T @ x[lo:hi], np.ones(hi - lo, dtype=dy.dtype) @ dy[lo:hi])  # (out, in), (out,)
+
+    batch_parallel(work, N, flops=(4 if need_input_grad else 2) * N * out_features * in_features)
+    dweight, dbias = partial.pop(0)
+    for dw_part, db_part in partial.values():
+        dweight += dw_part
+        dbias += db_part
+    return dx, dweight, dbias if has_bias else None
 
 
 def flatten(x, *, where="flatten"):

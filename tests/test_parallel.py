@@ -1,0 +1,62 @@
+"""The NumPy thread pool behind the fast paths: coverage, BLAS threads, error state."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from portable_cnn.ops import _parallel
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 128])
+def test_batch_parallel_covers_every_sample_once_in_disjoint_parts(n):
+    seen = np.zeros(n, dtype=int)
+    slots = []
+
+    def work(lo, hi, slot):
+        seen[lo:hi] += 1
+        slots.append(slot)
+
+    _parallel.batch_parallel(work, n)
+    assert (seen == 1).all()
+    assert sorted(slots) == list(range(len(slots)))
+    assert len(slots) == min(_parallel.num_threads(), n)
+
+
+def test_batch_parallel_runs_small_work_in_the_calling_thread():
+    threads = []
+    _parallel.batch_parallel(lambda lo, hi, slot: threads.append(threading.current_thread()), 64, flops=10)
+    assert threads == [threading.current_thread()]
+
+
+def test_batch_parallel_gives_each_thread_single_threaded_blas():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+
+    def work(lo, hi, slot):
+        seen.extend(row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas")
+
+    before = [row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas"]
+    _parallel.batch_parallel(work, 8)
+    assert seen and set(seen) == {1}
+    assert [row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas"] == before
+
+
+def test_pool_threads_follow_the_callers_floating_point_error_settings():
+    big = np.full((4, 1 << 18), 1e38, dtype=np.float32)  # 4 MB: split over the pool
+    out = np.empty_like(big)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        _parallel.parallel_apply(lambda o, a: np.multiply(a, a, out=o), out, big)
+    with np.errstate(over="ignore"):  # warnings are errors in this suite: none may escape
+        _parallel.parallel_apply(lambda o, a: np.multiply(a, a, out=o), out, big)
+        _parallel.batch_parallel(lambda lo, hi, slot: np.multiply(big[lo:hi], big[lo:hi]), 4)
+    assert np.isinf(out).all()
+
+
+def test_parallel_copy_matches_copyto():
+    src = np.arange(3 * 512 * 1024, dtype=np.float32).reshape(3, 512, 1024)[:, ::2]
+    dst = np.empty(src.shape, dtype=src.dtype)
+    _parallel.parallel_copy(dst, src)
+    np.testing.assert_array_equal(dst, src)
