@@ -31,17 +31,26 @@ def test_batch_parallel_runs_small_work_in_the_calling_thread():
     assert threads == [threading.current_thread()]
 
 
+def _numpy_blas_threads(threadpoolctl):
+    """Thread counts of the BLAS that NumPy's matmul calls (SciPy may load another)."""
+    return [
+        row["num_threads"]
+        for row in threadpoolctl.threadpool_info()
+        if row["user_api"] == "blas" and "numpy" in row["filepath"]
+    ]
+
+
 def test_batch_parallel_gives_each_thread_single_threaded_blas():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     seen = []
 
     def work(lo, hi, slot):
-        seen.extend(row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas")
+        seen.extend(_numpy_blas_threads(threadpoolctl))
 
-    before = [row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas"]
+    before = _numpy_blas_threads(threadpoolctl)
     _parallel.batch_parallel(work, 8)
     assert seen and set(seen) == {1}
-    assert [row["num_threads"] for row in threadpoolctl.threadpool_info() if row["user_api"] == "blas"] == before
+    assert _numpy_blas_threads(threadpoolctl) == before
 
 
 def test_pool_threads_follow_the_callers_floating_point_error_settings():
@@ -53,6 +62,20 @@ def test_pool_threads_follow_the_callers_floating_point_error_settings():
         _parallel.parallel_apply(lambda o, a: np.multiply(a, a, out=o), out, big)
         _parallel.batch_parallel(lambda lo, hi, slot: np.multiply(big[lo:hi], big[lo:hi]), 4)
     assert np.isinf(out).all()
+
+
+def test_set_num_threads_overrides_and_restores():
+    default = _parallel.num_threads()
+    try:
+        _parallel.set_num_threads(1)
+        slots = []
+        _parallel.batch_parallel(lambda lo, hi, slot: slots.append((lo, hi)), 100)
+        assert slots == [(0, 100)]
+    finally:
+        _parallel.set_num_threads(None)
+    assert _parallel.num_threads() == default
+    with pytest.raises(ValueError, match="positive integer"):
+        _parallel.set_num_threads(0)
 
 
 def test_parallel_copy_matches_copyto():
