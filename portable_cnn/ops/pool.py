@@ -20,6 +20,7 @@ import numpy as np
 from .. import backend
 from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of, out_size, pair
+from ._parallel import batch_parallel
 from ._windows import pad2d, scatter_add_taps, tap_slices
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "pool2d_geometry"]
@@ -177,24 +178,29 @@ def _nhwc_taps(R, S, u, v, P, Q):
 
 def _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q):
     xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    N, H, W, C = xt.shape
     if a or b:
-        N, H, W, C = xt.shape
         xpad = np.full((N, H + 2 * a, W + 2 * b, C), -np.inf, dtype=x.dtype)
         xpad[:, a : a + H, b : b + W, :] = xt
         xt = xpad  # (N, H+2a, W+2b, C)
-    taps = _nhwc_taps(R, S, u, v, P, Q)
-    best = xt[next(taps)].copy()  # (N, P, Q, C)
+    best = np.empty((N, P, Q, C), dtype=x.dtype)  # (N, P, Q, C)
     # One byte per output is enough for windows of up to 127 taps, and it is
     # written once and read R*S times.
     index_dtype = np.int8 if R * S <= 127 else np.int64
-    argmax = np.zeros(best.shape, dtype=index_dtype)  # (N, P, Q, C)
-    for k, index in enumerate(taps, start=1):
-        tap = xt[index]
-        # Taps come in increasing k, so "set k where this tap is strictly
-        # greater" is a maximum with k * mask: elementwise ufuncs only, several
-        # times faster than boolean-mask assignment or np.where.
-        np.maximum(argmax, np.multiply(tap > best, k, dtype=index_dtype), out=argmax)
-        np.maximum(best, tap, out=best)
+    argmax = np.zeros((N, P, Q, C), dtype=index_dtype)  # (N, P, Q, C)
+
+    def work(lo, hi, slot):  # each thread pools its own samples
+        taps = _nhwc_taps(R, S, u, v, P, Q)
+        np.copyto(best[lo:hi], xt[lo:hi][next(taps)])
+        for k, index in enumerate(taps, start=1):
+            tap = xt[lo:hi][index]
+            # Taps come in increasing k, so "set k where this tap is strictly
+            # greater" is a maximum with k * mask: elementwise ufuncs only,
+            # several times faster than boolean-mask assignment or np.where.
+            np.maximum(argmax[lo:hi], np.multiply(tap > best[lo:hi], k, dtype=index_dtype), out=argmax[lo:hi])
+            np.maximum(best[lo:hi], tap, out=best[lo:hi])
+
+    batch_parallel(work, N, flops=4 * R * S * best.size)
     return best.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)  # (N, C, P, Q) views
 
 
@@ -203,10 +209,14 @@ def _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q):
     dyt, argt = dy.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)  # (N, P, Q, C)
     dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
     disjoint = u >= R and v >= S  # windows do not overlap: each tap writes its own elements
-    for k, index in enumerate(_nhwc_taps(R, S, u, v, P, Q)):
-        # A product, not np.where: the same result, several times faster.
-        if disjoint:
-            np.multiply(dyt, argt == k, out=dxpad[index])
-        else:
-            dxpad[index] += dyt * (argt == k)
+
+    def work(lo, hi, slot):  # each thread routes its own samples' gradients
+        for k, index in enumerate(_nhwc_taps(R, S, u, v, P, Q)):
+            # A product, not np.where: the same result, several times faster.
+            if disjoint:
+                np.multiply(dyt[lo:hi], argt[lo:hi] == k, out=dxpad[lo:hi][index])
+            else:
+                dxpad[lo:hi][index] += dyt[lo:hi] * (argt[lo:hi] == k)
+
+    batch_parallel(work, N, flops=3 * R * S * dy.size)
     return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view
