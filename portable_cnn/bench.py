@@ -136,9 +136,8 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats at least (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per runner (default 2)")
     parser.add_argument("--repeat-seconds", type=float, default=1.0,
-                        help="target duration of one repeat; sets the steps per repeat (default 1.0: shorter "
-                             "repeats of one or two steps after an idle gap measured bursts, not sustained "
-                             "training, on the 2-core machine of docs/benchmarks.md)")
+                        help="target duration of one repeat; sets the steps per repeat (default 1.0; at 0.2 a "
+                             "vgg-small repeat on 2 cores was a single step)")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="time cap per configuration (net, batch, mode): past it no new round of repeats "
                              "starts once every runner has min(--repeats, 3) (default 30)")
