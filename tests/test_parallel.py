@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -83,3 +84,47 @@ def test_parallel_copy_matches_copyto():
     dst = np.empty(src.shape, dtype=src.dtype)
     _parallel.parallel_copy(dst, src)
     np.testing.assert_array_equal(dst, src)
+
+
+def test_a_failing_part_is_raised_after_every_part_has_finished():
+    finished = []
+
+    def work(lo, hi, slot):
+        if slot == 0:
+            raise RuntimeError("part 0 failed")
+        import time
+
+        time.sleep(0.05)
+        finished.append(slot)
+
+    if _parallel.num_threads() < 2:
+        pytest.skip("one thread: nothing runs beside the failing part")
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        _parallel.batch_parallel(work, 8)
+    assert finished == list(range(1, min(_parallel.num_threads(), 8)))
+
+
+def test_a_forked_child_gets_a_working_pool():
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    big = np.ones((4, 1 << 18), dtype=np.float32)
+    _parallel.parallel_copy(np.empty_like(big), big)  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_copy_in_child)
+    with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process is risky: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the inherited thread pool")
+    assert child.exitcode == 0
+
+
+def _copy_in_child():
+    big = np.ones((4, 1 << 18), dtype=np.float32)
+    out = np.empty_like(big)
+    _parallel.parallel_copy(out, big)
+    assert (out == 1).all()

@@ -48,6 +48,25 @@ def num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child has none of the parent's threads: a pool inherited from
+    # the parent would queue work that nobody runs. Start a new one there.
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _wait_all(jobs) -> None:
+    """Wait for every job, then raise the first failure: none may still write when the caller goes on."""
+    for job in jobs:
+        job.exception()
+    for job in jobs:
+        job.result()
+
+
 def _executor(threads: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     if _pool is None or _pool_size < threads:
@@ -109,8 +128,7 @@ def batch_parallel(work, n: int, *, flops: float | None = None) -> None:
     with _single_threaded_blas():
         work = _with_callers_errstate(work)
         jobs = [pool.submit(work, lo, hi, slot) for slot, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        for job in jobs:
-            job.result()
+        _wait_all(jobs)
 
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
@@ -137,6 +155,5 @@ def parallel_apply(func, out: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
         for lo, hi in zip(bounds[:-1], bounds[1:])
         if hi > lo
     ]
-    for job in jobs:
-        job.result()
+    _wait_all(jobs)
     return out
