@@ -443,3 +443,16 @@ def test_conv2d_workspace_reuse_changes_no_result(cfg):
             np.testing.assert_allclose(got, want, **tol("float64"))
     if cfg.a or cfg.b:
         assert any(key.endswith(".pad") for key in workspace), "the padded input should live in the workspace"
+
+
+@pytest.mark.parametrize("samples_per_block", [1, 2])
+@pytest.mark.parametrize("cfg", [UNEVEN._replace(N=5), UNEVEN._replace(N=5, C=1), WIDE_PADDING._replace(N=5)])
+def test_conv2d_numpy_blocks_of_samples_match_standard_path(cfg, samples_per_block, monkeypatch):
+    """Sections 3-5: NumPy's blocked path with several blocks per thread and a short last block."""
+    per_sample = cfg.P * cfg.Q * cfg.R * cfg.S * max(cfg.C, cfg.K) * 8
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", samples_per_block * per_sample)
+    fast = _conv_all_paths(cfg)
+    with mock.patch.object(conv.backend, "is_numpy", return_value=False):
+        standard = _conv_all_paths(cfg)
+    for name in fast:
+        np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
