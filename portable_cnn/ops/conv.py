@@ -403,33 +403,54 @@ def _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="x"):
 
 
 class _Unfolder:
-    """im2col of sample blocks ``i:j`` into one thread's reused buffer.
+    """im2col of sample blocks ``i:j``, into one thread's reused buffer or into a whole-batch one.
 
     With several channels a block is ``(rows, R*S*C)``. With one channel a
     channels-last row would be runs of S floats, so the buffer holds a tap per
     row instead, ``(R*S, rows)``, filled a whole (n, P, Q) slice at a time
     (runs of Q floats), and the block is its transpose: the same matrix to the
     GEMM, about 2.5x faster to fill for lenet's first layer.
+
+    ``whole`` is a buffer for all N samples (the layout of :meth:`whole_shape`):
+    blocks are then written at their samples' place, so the forward can hand
+    the whole matrix to the backward, or, with ``filled``, are read from it
+    without copying.
     """
 
-    def __init__(self, windows, block, workspace, tag):
+    def __init__(self, windows, block, workspace, tag, *, whole=None, filled=False):
         N, P, Q, R, S, C = windows.shape
-        self.windows, self.rows_per_sample = windows, P * Q
-        self.taps_first = C == 1
-        shape = (R * S, block * P * Q) if self.taps_first else (block, P, Q, R, S, C)
-        self.buf = _buffer(workspace, tag, shape, windows.dtype)
+        self.windows, self.taps_first, self.filled = windows, C == 1, filled
+        if whole is not None:
+            self.buf, self.offset = whole, True
+        else:
+            self.buf, self.offset = _buffer(workspace, tag, self.whole_shape(windows, block), windows.dtype), False
+
+    @staticmethod
+    def whole_shape(windows, n):
+        """Buffer shape for ``n`` samples."""
+        N, P, Q, R, S, C = windows.shape
+        return (R * S, n * P * Q) if C == 1 else (n, P, Q, R, S, C)
 
     def __call__(self, i, j):
         N, P, Q, R, S, C = self.windows.shape
-        rows = (j - i) * P * Q
+        start, stop = (i, j) if self.offset else (0, j - i)  # samples' place in the buffer
+        rows = slice(start * P * Q, stop * P * Q)
         if self.taps_first:
-            for r in range(R):
-                for s in range(S):
-                    np.copyto(self.buf[r * S + s, :rows].reshape(j - i, P, Q), self.windows[i:j, :, :, r, s, 0])
-            return self.buf[:, :rows].T  # (rows, R*S)
-        block = self.buf[: j - i]  # (j-i, P, Q, R, S, C)
-        np.copyto(block, self.windows[i:j])
-        return block.reshape(rows, R * S * C)
+            if not self.filled:
+                for r in range(R):
+                    for s in range(S):
+                        np.copyto(self.buf[r * S + s, rows].reshape(j - i, P, Q), self.windows[i:j, :, :, r, s, 0])
+            return self.buf[:, rows].T  # (rows, R*S)
+        block = self.buf[start:stop]  # (j-i, P, Q, R, S, C)
+        if not self.filled:
+            np.copyto(block, self.windows[i:j])
+        return block.reshape((j - i) * P * Q, R * S * C)
+
+
+# A convolution whose whole im2col matrix is at most this large keeps it from
+# the forward for the backward (lenet's: 10 and 8 MB) instead of unfolding
+# twice; larger ones (vgg-small's: up to 150 MB) recompute blocks in cache.
+_KEEP_BYTES = 16 << 20
 
 
 def _samples_per_block(per_sample_bytes, limit_chunk):
@@ -437,7 +458,7 @@ def _samples_per_block(per_sample_bytes, limit_chunk):
 
 
 def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=None):
-    """Forward: channels-last, data-parallel, cache-blocked; returns ``(y, None)`` (no columns kept)."""
+    """Forward: channels-last, data-parallel, cache-blocked; returns ``(y, cols)``, ``cols`` None when large."""
     (u, v), (a, b), (dh, dw) = stride, padding, dilation
     N, C = x.shape[:2]
     K, _, R, S = weight.shape
@@ -445,9 +466,11 @@ def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=No
     windows = _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N, P, Q, R, S, C)
     y = np.empty((N, P, Q, K), dtype=x.dtype)  # (N, P, Q, K)
     block = _samples_per_block(P * Q * R * S * C * x.itemsize, _batch_chunk(x.shape, weight.shape, P, Q, x.dtype))
+    keep = N * P * Q * R * S * C * x.itemsize <= _KEEP_BYTES
+    whole = _buffer(workspace, "cols.whole", _Unfolder.whole_shape(windows, N), x.dtype) if keep else None
 
     def work(lo, hi, slot):
-        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}")
+        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}", whole=whole)
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             out = y[i:j].reshape((j - i) * P * Q, K)  # (rows, K)
@@ -456,13 +479,13 @@ def _conv2d_numpy(x, weight, bias, stride, padding, dilation, P, Q, workspace=No
                 out += bias
 
     batch_parallel(work, N, flops=2 * N * P * Q * K * R * S * C)
-    return y.transpose(0, 3, 1, 2), None  # (N, K, P, Q) view of (N, P, Q, K)
+    return y.transpose(0, 3, 1, 2), whole  # (N, K, P, Q) view of (N, P, Q, K); the columns or None
 
 
 def _conv2d_backward_numpy(
     dy, x, weight, stride, padding, dilation, P, Q, cols, has_bias, need_input_grad, workspace=None
 ):
-    """Backward: channels-last, data-parallel, cache-blocked (``cols`` unused: blocks are recomputed).
+    """Backward: channels-last, data-parallel, cache-blocked; ``cols`` from the forward, or None to recompute.
 
     Per block of samples: ``dW += dY2.T @ cols`` and ``db += 1 @ dY2`` into
     the thread's own partial sums, and ``dx`` for those samples, either as a
@@ -494,8 +517,11 @@ def _conv2d_backward_numpy(
         dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
     partial_dw, partial_db = {}, {}
 
+    if cols is not None and tuple(cols.shape) != _Unfolder.whole_shape(windows, N):
+        cols = None  # not this path's layout (an array from another backend's forward): recompute
+
     def work(lo, hi, slot):
-        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}")
+        unfold = _Unfolder(windows, block, workspace, f"cols.{slot}", whole=cols, filled=cols is not None)
         unfold_dy = _Unfolder(dy_windows, block, workspace, f"dy_cols.{slot}") if need_input_grad and as_convolution else None
         dw2 = np.zeros((K, R * S * C), dtype=x.dtype)  # (K, R*S*C)
         db = np.zeros(K, dtype=x.dtype)  # (K,)

@@ -200,7 +200,7 @@ def _max_pool2d_numpy(x, R, S, u, v, a, b, P, Q):
             np.maximum(argmax[lo:hi], np.multiply(tap > best[lo:hi], k, dtype=index_dtype), out=argmax[lo:hi])
             np.maximum(best[lo:hi], tap, out=best[lo:hi])
 
-    batch_parallel(work, N, flops=4 * R * S * best.size)
+    batch_parallel(work, N)
     return best.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)  # (N, C, P, Q) views
 
 
@@ -218,5 +218,5 @@ def _max_pool2d_backward_numpy(dy, argmax, x_shape, R, S, u, v, a, b, P, Q):
             else:
                 dxpad[lo:hi][index] += dyt[lo:hi] * (argt[lo:hi] == k)
 
-    batch_parallel(work, N, flops=3 * R * S * dy.size)
+    batch_parallel(work, N)
     return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view
