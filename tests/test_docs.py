@@ -20,3 +20,14 @@ def test_every_test_named_in_the_derivation_exists():
         if name not in defined:
             missing.append(f"{filename}::{name}")
     assert not missing, f"docs/derivation.md names tests that do not exist: {missing}"
+
+
+def test_the_readme_example_runs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README.md should show a Python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md example", "exec"), namespace)  # noqa: S102 - our own README
+    model = namespace["model"]
+    assert str(model[0].params["weight"].dtype) == "float64"
+    assert float(namespace["loss"]) > 0
