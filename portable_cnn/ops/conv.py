@@ -522,7 +522,9 @@ def _conv2d_backward_numpy(
 
     def work(lo, hi, slot):
         unfold = _Unfolder(windows, block, workspace, f"cols.{slot}", whole=cols, filled=cols is not None)
-        unfold_dy = _Unfolder(dy_windows, block, workspace, f"dy_cols.{slot}") if need_input_grad and as_convolution else None
+        unfold_dy = None
+        if need_input_grad and as_convolution:
+            unfold_dy = _Unfolder(dy_windows, block, workspace, f"dy_cols.{slot}")
         dw2 = np.zeros((K, R * S * C), dtype=x.dtype)  # (K, R*S*C)
         db = np.zeros(K, dtype=x.dtype)  # (K,)
         ones = np.ones(block * P * Q, dtype=x.dtype)
