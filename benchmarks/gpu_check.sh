@@ -11,7 +11,7 @@
 #   5. a training run and a checkpoint round trip through the CLI:
 #      train on CuPy, evaluate the checkpoint on NumPy
 #   6. portable-cnn bench --backends numpy,cupy: training images/s of lenet and
-#      vgg-small at batch 32, 128 and 256, float32, TF32 off on both sides,
+#      vgg-small at batch 1, 8, 32, 128 and 256, float32, TF32 off on both sides,
 #      native PyTorch (cuDNN) on the GPU as the reference, and a per-layer
 #      breakdown of the CuPy step
 #   7. a short table last: the card, both ratios to PyTorch, the GPU-over-CPU
@@ -159,7 +159,7 @@ run_step "versions and GPU" 60 show_environment
 
 # --- 3. and 4. tests ------------------------------------------------------------
 run_step "GPU tests (pytest -m gpu)" 150 \
-    "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu --junitxml="$out/pytest-gpu.xml" tests/test_gpu.py
+    "$PYTHON" -m pytest -q -ra -p no:cacheprovider --durations=10 -m gpu --junitxml="$out/pytest-gpu.xml" tests/test_gpu.py
 run_step "CuPy cases of the other suites (pytest -k cupy)" 90 \
     "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m "not gpu" -k cupy --junitxml="$out/pytest-cupy.xml" tests
 
@@ -175,8 +175,8 @@ run_step "train on CuPy, evaluate the checkpoint on NumPy (CLI)" 60 cli_round_tr
 
 # --- 6. the benchmark -------------------------------------------------------------
 rm -f "$out/bench.json"
-run_step "benchmark: numpy vs cupy vs PyTorch cuDNN" 200 \
-    "$PYTHON" -m portable_cnn bench --backends numpy,cupy --nets lenet,vgg-small --batch-sizes 32,128,256 \
+run_step "benchmark: numpy vs cupy vs PyTorch cuDNN" 220 \
+    "$PYTHON" -m portable_cnn bench --backends numpy,cupy --nets lenet,vgg-small --batch-sizes 1,8,32,128,256 \
     --modes train --dtype float32 --repeats 7 --warmup 2 --repeat-seconds 0.15 --max-seconds 8 \
     --breakdown --breakdown-backends cupy --breakdown-steps 5 \
     --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png"
