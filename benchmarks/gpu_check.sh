@@ -9,15 +9,13 @@
 #   3. the GPU tests: pytest -m gpu (tests/test_gpu.py)
 #   4. the CuPy cases of the backend-parametrised suites (pytest -k cupy)
 #   5. a training run and a checkpoint round trip through the CLI:
-#      train on CuPy, evaluate the checkpoint on NumPy; train again with
-#      --cuda-graph
-#   6. the weight-gradient GEMM at the nets' layer shapes: one GEMM against
-#      the split-K form the CuPy path uses (benchmarks/gpu_weight_grad.py)
-#   7. portable-cnn bench --backends numpy,cupy --cuda-graph: training images/s of lenet and
+#      train on CuPy, evaluate the checkpoint on NumPy
+#   6. where a CuPy convolution's time goes, part by part, at lenet's and
+#      vgg-small's layer shapes (benchmarks/gpu_conv_parts.py)
+#   7. portable-cnn bench --backends numpy,cupy: training images/s of lenet and
 #      vgg-small at batch 1, 8, 32, 128 and 256, float32, TF32 off on both sides,
-#      native PyTorch (cuDNN) on the GPU as the reference, our CuPy step
-#      eager and captured as a CUDA graph, and a per-layer breakdown of the
-#      eager CuPy step
+#      native PyTorch (cuDNN) on the GPU as the reference, and a per-layer
+#      breakdown of the CuPy step
 #   8. a short table last: the card, both ratios to PyTorch, the GPU-over-CPU
 #      speed-up, the test counts and each step's status
 #
@@ -172,19 +170,18 @@ cli_round_trip() {
     local ckpt=/tmp/gpu-check-digits.safetensors
     rm -f "$ckpt"
     "$PYTHON" -m portable_cnn train --backend cupy --epochs 3 --checkpoint "$ckpt" --log-every 20 || return 1
-    "$PYTHON" -m portable_cnn eval --checkpoint "$ckpt" --backend numpy || return 1
-    "$PYTHON" -m portable_cnn train --backend cupy --epochs 3 --log-every 20 --cuda-graph --quiet
+    "$PYTHON" -m portable_cnn eval --checkpoint "$ckpt" --backend numpy
 }
 export -f cli_round_trip
 run_step "train on CuPy, evaluate the checkpoint on NumPy (CLI)" 60 cli_round_trip
 
-# --- 6. and 7. the weight-gradient GEMM, the benchmark ------------------------------
-run_step "weight-gradient GEMM: one GEMM vs split-K" 60 "$PYTHON" benchmarks/gpu_weight_grad.py
+# --- 6. and 7. the convolution's parts, the benchmark --------------------------------
+run_step "convolution parts (benchmarks/gpu_conv_parts.py)" 60 "$PYTHON" benchmarks/gpu_conv_parts.py
 
 rm -f "$out/bench.json"
 run_step "benchmark: numpy vs cupy vs PyTorch cuDNN" 220 \
     "$PYTHON" -m portable_cnn bench --backends numpy,cupy --nets lenet,vgg-small --batch-sizes 1,8,32,128,256 \
-    --modes train --dtype float32 --cuda-graph --repeats 7 --warmup 2 --repeat-seconds 0.15 --max-seconds 8 \
+    --modes train --dtype float32 --repeats 7 --warmup 2 --repeat-seconds 0.15 --max-seconds 8 \
     --breakdown --breakdown-backends cupy --breakdown-steps 5 \
     --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png"
 
@@ -221,34 +218,28 @@ def find(net, batch, backend):
     return None
 
 if records:
-    ips = lambda r: f"{r['images_per_s']['median']:,.0f}" if r else "-"
-    ratio = lambda r, key, unit: (f"{r[key]['median']:.{unit}f}x" if r and r.get(key) else "-")
-    print("| net | batch | numpy img/s | cupy img/s | cupy graph img/s | PyTorch cuDNN img/s "
-          "| cupy / PyTorch | graph / PyTorch | cupy / numpy | graph / numpy | checks |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| net | batch | numpy img/s | cupy img/s | PyTorch cuDNN img/s | cupy / PyTorch | cupy / numpy | checks |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for net in dict.fromkeys(r["net"] for r in records):
         for batch in sorted({r["batch_size"] for r in records if r["net"] == net}):
-            cpu, gpu, graph, ref = (find(net, batch, name) for name in ("numpy", "cupy", "cupy-graph", "pytorch-cuda"))
-            checks = "ok" if all(r["check"]["ok"] for r in (cpu, gpu, graph, ref) if r) else "FAILED"
-            print(f"| {net} | {batch} | {ips(cpu)} | {ips(gpu)} | {ips(graph)} | {ips(ref)} "
-                  f"| {ratio(gpu, 'ratio_to_reference', 2)} | {ratio(graph, 'ratio_to_reference', 2)} "
-                  f"| {ratio(gpu, 'speedup_over_numpy', 1)} | {ratio(graph, 'speedup_over_numpy', 1)} | {checks} |")
+            cpu, gpu, ref = find(net, batch, "numpy"), find(net, batch, "cupy"), find(net, batch, "pytorch-cuda")
+            ips = lambda r: f"{r['images_per_s']['median']:,.0f}" if r else "-"
+            ratio = f"{gpu['ratio_to_reference']['median']:.2f}x" if gpu and gpu.get("ratio_to_reference") else "-"
+            speed = f"{gpu['speedup_over_numpy']['median']:.1f}x" if gpu and gpu.get("speedup_over_numpy") else "-"
+            checks = "ok" if all(r["check"]["ok"] for r in (cpu, gpu, ref) if r) else "FAILED"
+            print(f"| {net} | {batch} | {ips(cpu)} | {ips(gpu)} | {ips(ref)} | {ratio} | {speed} | {checks} |")
     print("\ntargets (float32 training, batch 256, TF32 off, this run):")
     for net, floor in (("vgg-small", 0.6), ("lenet", 0.6)):
-        for name, label in (("cupy", "cupy"), ("cupy-graph", "cupy with a CUDA graph")):
-            gpu = find(net, 256, name)
-            if gpu and gpu.get("ratio_to_reference"):
-                value = gpu["ratio_to_reference"]["median"]
-                print(f"  {net} {label} / PyTorch cuDNN: {value:.2f}x "
-                      f"(target >= {floor}x: {'met' if value >= floor else 'NOT met'})")
-            else:
-                print(f"  {net} {label} / PyTorch cuDNN: not measured")
-    for name, label in (("cupy", "cupy"), ("cupy-graph", "cupy with a CUDA graph")):
-        gpu = find("vgg-small", 256, name)
-        if gpu and gpu.get("speedup_over_numpy"):
-            value = gpu["speedup_over_numpy"]["median"]
-            print(f"  vgg-small {label} over NumPy on this CPU: {value:.1f}x "
-                  f"(should exceed 30x: {'yes' if value > 30 else 'NO'})")
+        gpu = find(net, 256, "cupy")
+        if gpu and gpu.get("ratio_to_reference"):
+            value = gpu["ratio_to_reference"]["median"]
+            print(f"  {net} cupy / PyTorch cuDNN: {value:.2f}x (target >= {floor}x: {'met' if value >= floor else 'NOT met'})")
+        else:
+            print(f"  {net} cupy / PyTorch cuDNN: not measured")
+    gpu = find("vgg-small", 256, "cupy")
+    if gpu and gpu.get("speedup_over_numpy"):
+        value = gpu["speedup_over_numpy"]["median"]
+        print(f"  vgg-small GPU over NumPy on this CPU: {value:.1f}x (should exceed 30x: {'yes' if value > 30 else 'NO'})")
 
 print("\ntests:")
 not_run = []

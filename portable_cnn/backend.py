@@ -86,26 +86,43 @@ def namespace(*arrays, where: str = "portable_cnn") -> ModuleType:
     present = [a for a in arrays if a is not None]
     if not present:
         raise TypeError(f"{where}: expected at least one array, got none")
-    for a in present:
-        if isinstance(a, (bool, int, float, complex)) or not _is_array(a):
-            raise TypeError(f"{where}: expected an array, got {type(a).__name__}")
-    kinds = {_backend_of(a) for a in present}
-    if len(kinds) > 1:
+    kinds = [_kind(a, where) for a in present]
+    names = {name for name, _ in kinds}
+    if len(names) > 1:
         raise TypeError(
-            f"{where}: arrays from different libraries in one call ({', '.join(sorted(kinds))}); "
+            f"{where}: arrays from different libraries in one call ({', '.join(sorted(names))}); "
             "move them to one backend first (e.g. model.to(...)), no silent copy is made"
         )
-    devices = []
-    for a in present:
-        d = array_api_compat.device(a)
-        if all(d != e for e in devices):
-            devices.append(d)
-    if len(devices) > 1:
-        raise ValueError(
-            f"{where}: arrays on different devices in one call ({', '.join(map(str, devices))}); "
-            "move them to one device first, no silent copy is made"
-        )
-    return array_api_compat.array_namespace(*present)
+    name, xp = kinds[0]
+    if len(present) > 1 and name != "numpy":  # NumPy has one device
+        devices = []
+        for a in present:
+            d = _device(a, name)
+            if all(d != e for e in devices):
+                devices.append(d)
+        if len(devices) > 1:
+            raise ValueError(
+                f"{where}: arrays on different devices in one call ({', '.join(map(str, devices))}); "
+                "move them to one device first, no silent copy is made"
+            )
+    return xp
+
+
+# Array type -> (library name, namespace). Every op asks for the namespace of
+# its arguments, several times per layer, and on a GPU these Python checks
+# add up with the launch overhead; the answer only depends on the type.
+_KINDS: dict[type, tuple[str, ModuleType]] = {}
+
+
+def _kind(a, where: str) -> tuple[str, ModuleType]:
+    """``(library name, namespace)`` of array ``a``, cached by type; TypeError naming ``where`` for a non-array."""
+    kind = _KINDS.get(type(a))
+    if kind is None:
+        if isinstance(a, (bool, int, float, complex)) or not _is_array(a):
+            raise TypeError(f"{where}: expected an array, got {type(a).__name__}")
+        kind = (_backend_of(a), array_api_compat.array_namespace(a))
+        _KINDS[type(a)] = kind
+    return kind
 
 
 def _is_array(x) -> bool:
@@ -122,6 +139,16 @@ def backend_name(x) -> str:
 
 def device(x):
     """The device array ``x`` lives on."""
+    kind = _KINDS.get(type(x))
+    return _device(x, kind[0]) if kind is not None else array_api_compat.device(x)
+
+
+def _device(x, name: str):
+    """``array_api_compat.device(x)`` without its chain of type tests, for the libraries named here."""
+    if name == "numpy":
+        return "cpu"
+    if name in ("cupy", "torch", "array_api_strict"):
+        return x.device  # what array_api_compat.device returns for them
     return array_api_compat.device(x)
 
 

@@ -153,9 +153,6 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="skip native PyTorch even where it is installed (no ratios)")
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 on the GPU for both CuPy and PyTorch (default: off on both sides)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="also measure our CuPy training step captured as a CUDA graph "
-                             "(portable_cnn.cuda_graph), as the row 'cupy-graph'")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each layer type: conv forward, backward-data, backward-weights, pooling, "
                              "elementwise, linear, loss, optimizer, with GFLOP/s")
@@ -498,42 +495,6 @@ class _OursRunner:
         return (peak - before) / 2**20
 
 
-class _OursGraphRunner(_OursRunner):
-    """Our library on CuPy, the training step captured once as a CUDA graph and replayed (train mode only).
-
-    The warm-up steps and the capture run once, here, on the initial weights;
-    every ``reset`` then restores those weights and zeroes the momentum
-    buffers in place, so the first replayed step is checked like any first step.
-    """
-
-    def __init__(self, net, state, x_np, y_np, dtype, seed):
-        from .cuda_graph import CudaGraphStep
-
-        self.graph_step = None
-        super().__init__("cupy", net, state, x_np, y_np, "train", dtype, seed)
-        self.name, self.label = "cupy-graph", "ours on cupy, CUDA graph"
-        self.graph_step = CudaGraphStep(self.model, self.loss_fn, self.optimizer)
-        for _ in range(self.graph_step.warmup_steps + 1):
-            self.step()
-        self.sync()
-
-    def reset(self):
-        if self.graph_step is None:
-            super().reset()
-            return
-        self.model.load_state_dict(self.state)  # copied into the graph's arrays at the next step
-        for entry in self.optimizer.state.values():
-            for buffer in entry.values():
-                buffer[...] = 0  # in place: these are the graph's arrays; a zero buffer makes SGD's first step
-
-    def step(self):
-        self.out, _ = self.graph_step(self.x, self.y)
-
-    def device_peak_mb(self):
-        pool = self.graph_step._pool if self.graph_step is not None else None
-        return super().device_peak_mb() + (pool.total_bytes() / 2**20 if pool is not None else 0.0)
-
-
 class _TorchRunner:
     """Native PyTorch: torch.nn + torch.optim.SGD, the reference."""
 
@@ -646,13 +607,6 @@ def _run_config(args, net, batch, mode, backends, torch_mod, references, tf32):
         torch_mod.cuda.reset_peak_memory_stats()
 
     runners = [_OursRunner(b, net, state, x_np, y_np, mode, args.dtype, args.seed) for b in backends]
-    if getattr(args, "cuda_graph", False) and "cupy" in backends and mode == "train":
-        from .cuda_graph import CudaGraphUnsupported
-
-        try:
-            runners.append(_OursGraphRunner(net, state, x_np, y_np, args.dtype, args.seed))
-        except CudaGraphUnsupported as exc:
-            _log(args, f"  {net} batch {batch}: no CUDA graph row: {exc}")
     runners += [_TorchRunner(torch_mod, dev, net, model_np, state, x_np, y_np, mode, args.dtype) for dev in references]
 
     # The first step, checked: same weights, same batch as the reference.
@@ -750,8 +704,8 @@ def _run_config(args, net, batch, mode, backends, torch_mod, references, tf32):
             paired = [a / b for a, b in zip(ips[r.name], ips[ref.name])]
             rec["ratio_to_reference"] = {**_summary(paired), "reference": ref.name,
                                          "how": "median and min-max of per-round ratios (interleaved repeats)"}
-        if r.name in ("cupy", "cupy-graph") and "numpy" in ips:
-            paired = [a / b for a, b in zip(ips[r.name], ips["numpy"])]
+        if r.name == "cupy" and "numpy" in ips:
+            paired = [a / b for a, b in zip(ips["cupy"], ips["numpy"])]
             rec["speedup_over_numpy"] = _summary(paired)
         records.append(rec)
     return records

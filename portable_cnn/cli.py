@@ -154,9 +154,6 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="append one JSON line per epoch (epoch, train_loss, test_accuracy, images_per_s, ...)")
     p.add_argument("--log-every", type=_positive_int, default=None,
                    help=f"read the loss back from the device every N steps (default: {d['log_every']})")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="on CuPy, capture the training step as a CUDA graph and replay it (one launch per step: "
-                        "faster for small networks; SGD without dropout; ignored on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines, only the result")
     p.set_defaults(func=run_train)
     return p
@@ -448,17 +445,6 @@ def run_train(args) -> int:
             log_file = open(args.log_json, "a" if ckpt is not None else "w", encoding="utf-8")
         except OSError as exc:
             raise CommandError(f"--log-json {args.log_json}: {exc}") from None
-    cuda_graph = args.cuda_graph and backend_name == "cupy"
-    if args.cuda_graph and not cuda_graph:
-        _say(args, f"--cuda-graph ignored: it needs the cupy backend, this run is on {backend_name}")
-    if cuda_graph:
-        from . import nn
-        from .cuda_graph import graph_support
-
-        why_not = graph_support(model, nn.SoftmaxCrossEntropy(validate=False), optimizer)
-        if why_not is not None:
-            raise CommandError(f"--cuda-graph: {why_not}")
-        _say(args, "CUDA graph: the training step is captured after 2 eager steps and replayed")
     try:
         try:
             trainer = Trainer(
@@ -467,7 +453,6 @@ def run_train(args) -> int:
                 checkpoint_path=checkpoint_path, interrupt_path=interrupt_path, model_config=model_config,
                 data_config=data_config, train_config=train_config, progress=not args.quiet,
                 log_json=log_file, echo=None if args.quiet else (lambda line: print(line, flush=True)),
-                cuda_graph=cuda_graph,
             )
         except ValueError as exc:  # labels that do not fit the classes, bad sizes
             raise CommandError(str(exc)) from None

@@ -42,6 +42,7 @@ import numbers
 import numpy as np
 
 from . import backend
+from .ops import _cupy
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR", "CosineAnnealingLR"]
 
@@ -198,6 +199,14 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening == 0")
 
     def _update(self, name, param, grad, state):
+        buf = state.get("momentum_buffer")
+        if (self.momentum != 0 and buf is not None and backend.is_cupy(backend.namespace(param))
+                and _cupy.supports(param.dtype) and grad.dtype == param.dtype == buf.dtype):
+            # CuPy: the whole update in one kernel (the standard path below is five).
+            param, state["momentum_buffer"] = _cupy.sgd_momentum_step(
+                param, grad, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov
+            )
+            return param
         if self.weight_decay != 0:
             grad = grad + self.weight_decay * param
         if self.momentum != 0:

@@ -257,19 +257,11 @@ class Trainer:
         Called with a one-line summary after every epoch (``print``).
     on_step : callable, optional
         Called as ``on_step(trainer)`` after every optimizer step.
-    cuda_graph : bool, default False
-        On CuPy, capture the training step as a CUDA graph and replay it
-        (:class:`portable_cnn.cuda_graph.CudaGraphStep`): one launch per step
-        instead of hundreds, which pays for small networks. SGD only, no
-        dropout; :class:`~portable_cnn.cuda_graph.CudaGraphUnsupported` says
-        why otherwise. If the capture itself fails, training goes on eagerly
-        and ``echo`` is told why.
     """
 
     def __init__(self, model, optimizer, dataset, *, scheduler=None, scheduler_config=None, batch_size=32, seed=0,
                  log_every=10, eval_batch_size=256, checkpoint_path=None, interrupt_path=None, model_config=None,
-                 data_config=None, train_config=None, progress=False, log_json=None, echo=None, on_step=None,
-                 cuda_graph=False):
+                 data_config=None, train_config=None, progress=False, log_json=None, echo=None, on_step=None):
         for name, value in (("batch_size", batch_size), ("log_every", log_every), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Trainer: {name} must be a positive int, got {value!r}")
@@ -290,12 +282,6 @@ class Trainer:
         param = _model_array(model)
         self.xp, self.device, self.dtype = backend.namespace(param), backend.device(param), backend.dtype_name(param)
         self.loss_fn = nn.SoftmaxCrossEntropy(validate=False)
-        self.graph_step = None
-        self._width_checked = False
-        if cuda_graph:
-            from .cuda_graph import CudaGraphStep
-
-            self.graph_step = CudaGraphStep(model, self.loss_fn, optimizer)
         # The shuffling stream: spawned from the seed so that it differs from
         # the stream the weights were initialised from with the same seed.
         self.shuffle_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
@@ -447,24 +433,14 @@ class Trainer:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _train_step(self, xd, yd):
-        """Forward, loss, backward and update on one device batch (through the CUDA graph when there is one)."""
+        """Forward, loss, backward and update on one device batch; returns ``(loss, logits)``."""
         ds = self.dataset
-        if self.graph_step is not None and self._width_checked:  # the first step runs eagerly: it checks the width
-            from .cuda_graph import CudaGraphUnsupported
-
-            try:
-                return self.graph_step(xd, yd)
-            except CudaGraphUnsupported as exc:  # the model and optimizer are as before the attempt
-                self.graph_step = None
-                if self.echo is not None:
-                    self.echo(f"note: training without a CUDA graph: {exc}")
         logits = self.model.forward(xd)
         if logits.shape[1] != ds.num_classes:
             raise ValueError(
                 f"Trainer: the model gives {logits.shape[1]} logits per sample but dataset "
                 f"{ds.name!r} has {ds.num_classes} classes"
             )
-        self._width_checked = True
         loss = self.loss_fn.forward(logits, yd)
         self.model.backward(self.loss_fn.backward(), need_input_grad=False)  # nobody reads d(loss)/d(images)
         self.optimizer.step()

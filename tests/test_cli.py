@@ -297,9 +297,3 @@ def test_tf32_flag_switches_tf32_on_and_its_absence_keeps_it_off(monkeypatch, ca
     assert run(capsys, *FAST, "--quiet")[0] == 0
     assert not B.tf32_enabled()
 
-
-def test_cuda_graph_flag_is_ignored_on_the_cpu_with_a_note(capsys):
-    code, out, _ = run(capsys, *FAST, "--cuda-graph")
-    assert code == 0, out
-    assert "--cuda-graph ignored: it needs the cupy backend, this run is on numpy" in out
-    assert "test accuracy" in out

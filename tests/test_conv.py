@@ -423,28 +423,6 @@ def test_dw_equals_input_correlated_with_dy(cfg):
     np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), **tol("float64"))
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 6])
-def test_weight_grad_split_over_batch_slices_equals_one_gemm(backend, splits):
-    """The split-K weight gradient (CuPy's): G batched partial products, summed, equal dy2.T @ cols."""
-    rng = np.random.default_rng(splits)
-    dy2 = rng.standard_normal((6 * 5, 4))  # (N*P*Q, K) with N = 6, P*Q = 5
-    cols = rng.standard_normal((6 * 5, 7))  # (N*P*Q, C*R*S)
-    got = conv._weight_grad(backend.xp, backend.asarray(dy2), backend.asarray(cols), splits)
-    np.testing.assert_allclose(backend.to_numpy(got), dy2.T @ cols, **tol("float64"))
-
-
-@pytest.mark.parametrize(
-    ("N", "PQ", "expected"),
-    [(256, 1024, 64), (256, 256, 32), (128, 64, 4), (1, 1024, 1), (7, 1024, 1), (7, 4096, 7), (6, 100, 1), (12, 512, 3)],
-)
-def test_weight_grad_splits_keep_whole_samples_and_enough_rows(N, PQ, expected):
-    """G divides the batch, leaves at least 2048 rows per slice and is at most 64; 1 when no split qualifies."""
-    G = conv._weight_grad_splits(N, PQ)
-    assert G == expected
-    assert N % G == 0 and G <= 64
-    assert G == 1 or (N // G) * PQ >= 2048
-
-
 @settings(max_examples=10, deadline=None)
 @given(cfg=conv_configs(max_hw=6, max_nck=3))
 @_corner_cases

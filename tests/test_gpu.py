@@ -238,6 +238,91 @@ def test_dtypes_without_a_kernel_take_the_standard_path(cp, xpc):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_kernels_match_standard_path_including_nan_and_layout(cp, xpc, dtype):
+    """The one-kernel ReLU and its backward equal the standard path bit for bit (NaN and -0.0 give 0, as
+    ``where`` gives) and keep a channels-last input's memory layout."""
+    rng = np.random.default_rng(19)
+    x_np = rng.standard_normal((2, 3, 4, 5))
+    x_np[0, 0, 0, :3] = [np.nan, -0.0, 0.0]
+    x = channels_last(cp, B.asarray(x_np, xpc, dtype=dtype))
+    dy = channels_last(cp, B.asarray(rng.standard_normal((2, 3, 4, 5)), xpc, dtype=dtype))
+    with mock.patch.object(_cupy, "relu", wraps=_cupy.relu) as fwd, \
+            mock.patch.object(_cupy, "relu_backward", wraps=_cupy.relu_backward) as bwd:
+        y, dx = ops.relu(x), ops.relu_backward(dy, x)
+    assert fwd.call_count == 1 and bwd.call_count == 1
+    with standard_path():
+        y_std, dx_std = ops.relu(x), ops.relu_backward(dy, x)
+    np.testing.assert_array_equal(host(y), host(y_std))
+    np.testing.assert_array_equal(host(dx), host(dx_std))
+    assert not np.signbit(host(y)[0, 0, 0, 1]) and host(y)[0, 0, 0, 0] == 0
+    assert _cupy._channels_last(y) and _cupy._channels_last(dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_kernels_match_standard_path(cp, xpc, dtype):
+    """The one-kernel softmax cross-entropy and its backward against the standard path: strided logits, int32
+    labels, a label outside [0, K) with validation off (a zero row, as the one-hot gives) and large logits."""
+    rng = np.random.default_rng(20)
+    logits_np = rng.standard_normal((10, 7)) * 3
+    logits_np[2] += 80.0  # exp would overflow without the shift by the maximum
+    logits = B.asarray(logits_np.T.copy(), xpc, dtype=dtype).T  # (7, 10) memory, an (N, K) = (10, 7) view
+    labels = B.asarray(np.array([0, 6, 3, 3, 1, 7, 2, 5, 4, 0], dtype=np.int32), xpc)  # 7 is out of range
+    with mock.patch.object(_cupy, "softmax_cross_entropy", wraps=_cupy.softmax_cross_entropy) as fwd:
+        loss, probs = ops.softmax_cross_entropy(logits, labels, validate=False)
+        dlogits = ops.softmax_cross_entropy_backward(probs, labels, 0.5)
+    assert fwd.call_count == 1
+    with standard_path():
+        loss_std, probs_std = ops.softmax_cross_entropy(logits, labels, validate=False)
+        dlogits_std = ops.softmax_cross_entropy_backward(probs_std, labels, 0.5)
+    assert tuple(loss.shape) == () and tuple(probs.shape) == (10, 7)
+    for name, got, expected in (("loss", loss, loss_std), ("probs", probs, probs_std), ("dlogits", dlogits, dlogits_std)):
+        assert np.all(np.isfinite(host(got))), name
+        assert_close(got, expected, dtype, name)
+    np.testing.assert_array_equal(host(dlogits)[5], host(probs)[5] * 0.05)  # the out-of-range label: no one-hot
+
+
+SGD_CASES = [
+    {"momentum": 0.9},
+    {"momentum": 0.9, "weight_decay": 5e-4},
+    {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", SGD_CASES, ids=lambda c: "_".join(f"{k}{v}" for k, v in c.items()))
+def test_sgd_kernel_matches_standard_path_and_numpy(cp, xpc, config, dtype):
+    """Four SGD steps of lenet's parameters: the one-kernel CuPy update gives the standard path's parameters and
+    momentum buffers on CuPy, and NumPy's; the kernel really ran for every step after the first."""
+    rng = np.random.default_rng(18)
+    grads = [{name: rng.standard_normal(tuple(layer.params[key].shape)) for name, layer, key in
+              models.lenet(rng=0).named_parameters()} for _ in range(4)]
+
+    def run(backend_name, standard=False):
+        model = models.lenet(rng=0).to(backend_name, dtype)
+        opt = optim.SGD(model, lr=0.1, **config)
+        xp = B.get_namespace(backend_name)
+        on_device = [{name: B.asarray(g, xp, dtype=dtype) for name, g in step.items()} for step in grads]
+        with standard_path() if standard else contextlib.nullcontext():  # arrays made before: asarray asks too
+            for step in on_device:
+                for name, layer, key in model.named_parameters():
+                    layer.grads[key] = step[name]
+                opt.step()
+        return model.state_dict(), {k: v for k, v in opt.state_dict().items() if k != "step"}
+
+    with mock.patch.object(_cupy, "sgd_momentum_step", wraps=_cupy.sgd_momentum_step) as kernel:
+        fast = run("cupy")
+    assert kernel.call_count == 3 * len(grads[0]), kernel.call_count  # steps 2-4, every parameter
+    standard, reference = run("cupy", standard=True), run("numpy")
+    for part, (got, std, ref) in enumerate(zip(fast, standard, reference)):
+        assert set(got) == set(ref) and got, part
+        for name in ref:
+            assert B.backend_name(got[name]) == "cupy", name
+            assert_close(got[name], std[name], dtype, f"{name} vs standard path")
+            assert_close(got[name], ref[name], dtype, f"{name} vs NumPy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
 def test_conv2d_with_kernels_matches_standard_path_and_numpy(cp, xpc, case, dtype):
     """conv2d and conv2d_backward on CuPy (kernels in place) against the standard path on CuPy and against NumPy."""
@@ -286,9 +371,8 @@ def test_conv2d_in_slices_under_a_small_workspace_limit_matches_whole_batch(cp, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv2d_weight_gradient_split_over_the_batch_matches_numpy(cp, xpc, dtype):
-    """A batch large enough for the split-K weight gradient (16 samples of 16x16: 2 slices): dW as on NumPy."""
-    assert conv._weight_grad_splits(16, 16 * 16) == 2
+def test_conv2d_bias_gradient_by_gemv_matches_numpy(cp, xpc, dtype):
+    """The CuPy bias gradient (column sums as ones @ dy2) over a batch of 16 samples of 16x16: as on NumPy."""
     rng = np.random.default_rng(17)
     x_np, w_np = rng.standard_normal((16, 8, 16, 16)), rng.standard_normal((12, 8, 3, 3))
     dy_np = rng.standard_normal((16, 12, 16, 16))
@@ -297,6 +381,8 @@ def test_conv2d_weight_gradient_split_over_the_batch_matches_numpy(cp, xpc, dtyp
     _, dw_np, db_np = ops.conv2d_backward(dy_np.astype(dtype), x_np.astype(dtype), w_np.astype(dtype), padding=1)
     assert_close(dw, dw_np, dtype, "dw")
     assert_close(db, db_np, dtype, "db")
+    dy2 = put(dy_np.transpose(0, 2, 3, 1).reshape(-1, 12))  # (N*P*Q, K)
+    assert_close(conv._column_sums(xpc, dy2), dy_np.sum(axis=(0, 2, 3)), dtype, "column sums")
 
 
 # --------------------------------------------------------------------------- every op, CuPy against NumPy
@@ -559,149 +645,6 @@ def test_trainer_on_cupy_matches_numpy_and_reads_back_every_log_every_steps(cp, 
     for name, value in cpu_model.state_dict().items():
         assert B.backend_name(gpu_model.state_dict()[name]) == "cupy", name
         assert_close(gpu_model.state_dict()[name], value, "float64", name)
-
-
-# --------------------------------------------------------------------------- the training step as a CUDA graph
-
-
-def _lenet_pair(dtype):
-    """Two identical lenets on CuPy with SGD (momentum) each: one stepped eagerly, one through a CUDA graph."""
-    pair = []
-    for _ in range(2):
-        model = models.lenet(rng=0).to("cupy", dtype)
-        pair.append((model, optim.SGD(model, lr=0.05, momentum=0.9, weight_decay=1e-4)))
-    return pair
-
-
-def _eager_step(model, opt, loss_fn, x, y):
-    loss = loss_fn.forward(model.forward(x), y)
-    model.backward(loss_fn.backward(), need_input_grad=False)
-    opt.step()
-    return loss
-
-
-def _assert_same_training_state(graphed, eager, dtype, when):
-    (g_model, g_opt), (e_model, e_opt) = graphed, eager
-    for name, value in e_model.state_dict().items():
-        assert_close(g_model.state_dict()[name], value, dtype, f"{when}: {name}")
-    for name, value in e_opt.state_dict().items():
-        if name != "step":
-            assert_close(g_opt.state_dict()[name], value, dtype, f"{when}: optimizer {name}")
-    assert g_opt.steps == e_opt.steps, when
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_graph_step_follows_the_eager_step(cp, xpc, dtype):
-    """Warm-up, capture, replays, a new learning rate (a new capture) and a short batch (an eager step):
-    loss, parameters and momentum buffers follow the same model stepped eagerly, step by step."""
-    from portable_cnn.cuda_graph import CudaGraphStep
-
-    graphed, eager = _lenet_pair(dtype)
-    loss_fn = nn.SoftmaxCrossEntropy(validate=False)
-    step = CudaGraphStep(graphed[0], loss_fn, graphed[1])
-    rng = np.random.default_rng(13)
-    for i, batch in enumerate([8, 8, 8, 8, 8, 5, 8, 8]):
-        if i == 4:
-            graphed[1].lr = eager[1].lr = 0.02  # a scheduler's new rate: baked into the graph, so a new capture
-        x = B.asarray(rng.standard_normal((batch, 1, 28, 28)), xpc, dtype=dtype)
-        y = B.asarray(rng.integers(0, 10, batch), xpc)
-        loss, logits = step(x, y)
-        expected = _eager_step(*eager, nn.SoftmaxCrossEntropy(validate=False), x, y)
-        assert tuple(logits.shape) == (batch, 10)
-        assert_close(loss, expected, dtype, f"step {i}: loss")
-        _assert_same_training_state(graphed, eager, dtype, f"after step {i}")
-    assert (step.eager_steps, step.captures, step.replays) == (3, 2, 5), step
-    # The graph really ran: the parameters moved from their initial values.
-    initial = models.lenet(rng=0).state_dict()
-    assert not np.allclose(host(graphed[0].state_dict()["0.weight"]), initial["0.weight"])
-
-
-def test_cuda_graph_leaves_earlier_state_dicts_alone_and_takes_loaded_weights(cp, xpc):
-    """A state_dict taken before the capture is never written; weights loaded between steps are used."""
-    from portable_cnn.cuda_graph import CudaGraphStep
-
-    graphed, eager = _lenet_pair("float64")
-    loss_fn = nn.SoftmaxCrossEntropy(validate=False)
-    step = CudaGraphStep(graphed[0], loss_fn, graphed[1], warmup_steps=1)
-    rng = np.random.default_rng(14)
-    batches = [(B.asarray(rng.standard_normal((6, 1, 28, 28)), xpc, dtype="float64"),
-                B.asarray(rng.integers(0, 10, 6), xpc)) for _ in range(5)]
-    before = before_host = None
-    for i, (x, y) in enumerate(batches):
-        if i == 1:  # the arrays bound right before the capture: the graph must not adopt them
-            before = graphed[0].state_dict()
-            before_host = {k: host(v).copy() for k, v in before.items()}
-        if i == 3:  # reload those weights into both, between replays
-            graphed[0].load_state_dict(before_host)
-            eager[0].load_state_dict(before_host)
-        step(x, y)
-        _eager_step(*eager, loss_fn, x, y)
-        _assert_same_training_state(graphed, eager, "float64", f"after step {i}")
-    assert step.captures == 1 and step.replays == 4, step
-    for name, value in before.items():
-        np.testing.assert_array_equal(host(value), before_host[name], err_msg=f"{name} was written in place")
-
-
-def test_cuda_graph_capture_that_reads_back_fails_cleanly(cp, xpc):
-    """A step that reads a value back to the host cannot be recorded: CudaGraphUnsupported, and the model and
-    optimizer are left exactly as before the capture, so eager training goes on."""
-    from portable_cnn.cuda_graph import CudaGraphStep, CudaGraphUnsupported
-
-    model = models.lenet(rng=0).to("cupy", "float32")
-    opt = optim.SGD(model, lr=0.05, momentum=0.9)
-    loss_fn = nn.SoftmaxCrossEntropy(validate=False)
-    step = CudaGraphStep(model, loss_fn, opt, warmup_steps=1)
-    rng = np.random.default_rng(15)
-    x = B.asarray(rng.standard_normal((4, 1, 28, 28)), xpc, dtype="float32")
-    y = B.asarray(rng.integers(0, 10, 4), xpc)
-    step(x, y)  # the eager warm-up step
-    relu = model[1]
-    original_forward = relu.forward
-
-    def forward_that_reads_back(a):
-        float(cp.sum(a))  # a device-to-host copy: not allowed while the stream is captured
-        return original_forward(a)
-
-    bound = {name: layer.params[key] for name, layer, key in model.named_parameters()}
-    state = {k: v for k, v in opt.state_dict().items() if k != "step"}
-    relu.forward = forward_that_reads_back
-    with pytest.raises(CudaGraphUnsupported, match="capturing the training step failed"):
-        step(x, y)
-    relu.forward = original_forward
-    assert opt.steps == 1 and step.captures == 0
-    for name, layer, key in model.named_parameters():
-        assert layer.params[key] is bound[name], name
-    for name, value in opt.state_dict().items():
-        assert name == "step" or value is state[name], name
-    loss = _eager_step(model, opt, loss_fn, x, y)
-    assert np.isfinite(float(host(loss)))
-
-
-def test_trainer_with_cuda_graph_follows_the_eager_trainer(cp, xpc):
-    """Trainer(cuda_graph=True) on CuPy: two epochs with a short last batch each give the eager run's losses
-    and weights (float64), the graph captured once and replayed for the full batches."""
-    rng = np.random.default_rng(16)
-    ds = data.Dataset(
-        x_train=rng.standard_normal((100, 1, 28, 28)).astype(np.float32), y_train=rng.integers(0, 10, 100),
-        x_test=rng.standard_normal((20, 1, 28, 28)).astype(np.float32), y_test=rng.integers(0, 10, 20),
-        num_classes=10, name="synthetic",
-    )
-
-    def fit(cuda_graph):
-        model = models.lenet(rng=0).to("cupy", "float64")
-        trainer = train.Trainer(model, optim.SGD(model, lr=0.05, momentum=0.9), ds, batch_size=8, log_every=5,
-                                cuda_graph=cuda_graph)
-        return model, trainer.fit(epochs=2), trainer
-
-    graph_model, graph_history, graph_trainer = fit(True)
-    eager_model, eager_history, _ = fit(False)
-    for got, expected in zip(graph_history, eager_history):
-        assert got.train_loss == pytest.approx(expected.train_loss, rel=1e-9)
-        assert got.test_loss == pytest.approx(expected.test_loss, rel=1e-9)
-    for name, value in eager_model.state_dict().items():
-        assert_close(graph_model.state_dict()[name], value, "float64", name)
-    step = graph_trainer.graph_step
-    assert step is not None and step.captures == 1 and step.replays >= 18, step
 
 
 # --------------------------------------------------------------------------- checkpoints across devices

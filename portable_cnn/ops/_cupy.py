@@ -17,6 +17,10 @@ CuPy's (float32 or float64)::
                          in the standard path and PyTorch
     max_pool2d_backward  a gather like col2im (no atomics)
     avg_pool2d(_backward)  likewise, padding counted in the divisor
+    relu(_backward)      one elementwise kernel each (three on the standard path)
+    softmax_cross_entropy  one thread per row: softmax, log-sum-exp and the
+                         label's -log p in one pass; the backward one kernel
+    sgd_momentum_step    the whole SGD update of a parameter in one kernel
 
 Inputs are read through their strides, so a channels-last view (what the
 CuPy conv returns: an (N, K, P, Q) view of the GEMM's (N, P, Q, K) result)
@@ -48,6 +52,11 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "relu",
+    "relu_backward",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_backward",
+    "sgd_momentum_step",
     "explain_out_of_memory",
 ]
 
@@ -255,10 +264,35 @@ __global__ void avg_pool2d_backward(const T* __restrict__ dy, T* __restrict__ dx
         dx[i] = acc;
     }
 }
+
+// Per row n: logp = shifted - log(sum(exp(shifted))), shifted = logits - max (a NaN
+// propagates, as max does); probs = exp(logp); nll[n] = -logp[label] (0 for a label
+// outside [0, K), as the standard path's one-hot row of zeros gives).
+template <typename T, typename I>
+__global__ void softmax_cross_entropy_forward(const T* __restrict__ logits, const long long* __restrict__ labels,
+                                              T* __restrict__ probs, T* __restrict__ nll, const I total, const int K,
+                                              const long long sN, const long long sK) {
+    GRID_LOOP(n, total) {
+        const T* row = logits + (long long)n * sN;
+        T m = row[0];
+        for (int k = 1; k < K; ++k) {
+            const T value = row[k * sK];
+            if (value > m || (value != value && m == m)) m = value;
+        }
+        T sum = (T)0;
+        for (int k = 0; k < K; ++k) sum += exp(row[k * sK] - m);
+        const T log_sum = log(sum);
+        T* out = probs + (long long)n * K;
+        for (int k = 0; k < K; ++k) out[k] = exp((row[k * sK] - m) - log_sum);
+        const long long label = labels[n];
+        nll[n] = (label >= 0 && label < K) ? -((row[label * sK] - m) - log_sum) : (T)0;
+    }
+}
 """
 
 _KERNELS = (
     "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
+    "softmax_cross_entropy_forward",
 )
 _C_TYPES = {"float32": "float", "float64": "double"}
 _INDEX_TYPES = {"int": np.int32, "long long": np.int64}
@@ -409,6 +443,104 @@ def avg_pool2d_backward(dy, x_shape, R, S, u, v, a, b, P, Q):
         _launch(cupy, "avg_pool2d_backward", dy.dtype, flat.size, (dy, flat),
                 (C, H, W, R, S, P, Q, u, v, a, b), (*_strides(dy), np.int32(channels_last)))
     return dx
+
+
+# --- elementwise work, fused ----------------------------------------------------
+# The standard path spends three kernels on a ReLU (compare, zeros, where) and
+# about fifteen on the loss; on a GPU each is a launch that costs more than
+# the arithmetic of a small network. One kernel each here.
+_elementwise: dict = {}  # name -> cupy.ElementwiseKernel
+
+
+def _elementwise_kernel(cupy, name, in_params, out_params, body):
+    kernel = _elementwise.get(name)
+    if kernel is None:
+        kernel = cupy.ElementwiseKernel(in_params, out_params, body, f"portable_cnn_{name}")
+        _elementwise[name] = kernel
+    return kernel
+
+
+def relu(x):
+    """CuPy ``x > 0 ? x : 0`` in one kernel (NaN gives 0, as the standard path's ``where``), x's memory layout."""
+    cupy = _cupy_module()
+    kernel = _elementwise_kernel(cupy, "relu", "T x", "T y", "y = x > (T)0 ? x : (T)0")
+    with x.device:
+        return kernel(x, cupy.empty_like(x))
+
+
+def relu_backward(dy, x):
+    """CuPy ``x > 0 ? dy : 0`` in one kernel, dy's memory layout."""
+    cupy = _cupy_module()
+    kernel = _elementwise_kernel(cupy, "relu_backward", "T dy, T x", "T dx", "dx = x > (T)0 ? dy : (T)0")
+    with dy.device:
+        return kernel(dy, x, cupy.empty_like(dy))
+
+
+def softmax_cross_entropy(logits, labels):
+    """CuPy mean cross-entropy and softmax of ``(N, K)`` logits in one kernel (plus the mean): ``(loss, probs)``."""
+    cupy = _cupy_module()
+    N, K = logits.shape
+    with logits.device:
+        labels = cupy.ascontiguousarray(labels.astype(np.int64, copy=False))  # (N,)
+        probs = cupy.empty((N, K), dtype=logits.dtype)  # (N, K)
+        nll = cupy.empty((N,), dtype=logits.dtype)  # (N,) -log p(label)
+        sN, sK = _strides(logits)
+        _launch(cupy, "softmax_cross_entropy_forward", logits.dtype, N, (logits, labels, probs, nll), (K,), (sN, sK))
+        return cupy.sum(nll) / N, probs  # 0-d, (N, K)
+
+
+def softmax_cross_entropy_backward(probs, labels, scale):
+    """CuPy ``(probs - onehot(labels)) * scale`` in one kernel; ``scale`` is ``dloss / N``."""
+    cupy = _cupy_module()
+    N, K = probs.shape
+    kernel = _elementwise_kernel(
+        cupy, "softmax_cross_entropy_backward", "T p, raw int64 labels, int32 K, T scale", "T dlogits",
+        "dlogits = (p - ((long long)(i % K) == labels[i / K] ? (T)1 : (T)0)) * scale",
+    )
+    with probs.device:
+        labels = cupy.ascontiguousarray(labels.astype(np.int64, copy=False))  # (N,)
+        return kernel(probs, labels, np.int32(K), probs.dtype.type(scale), cupy.empty((N, K), dtype=probs.dtype))
+
+
+# --- the SGD update ---------------------------------------------------------
+# SGD with momentum is five whole-array operations per parameter on the
+# standard path (weight decay, two scalings, a sum, the step), each a kernel
+# launch; for a small network the optimizer was a fifth of a CuPy training
+# step, all launch overhead. One elementwise kernel per parameter does the
+# same arithmetic, operation by operation: --fmad=false keeps every product
+# and sum rounded on its own, as the separate kernels round them.
+_SGD_BODY = """
+T d = weight_decay != (T)0 ? g + weight_decay * p : g;
+T b = momentum * buf + one_minus_dampening * d;
+buf_out = b;
+p_out = p - lr * ({step});
+"""
+_sgd_kernels: dict = {}  # nesterov -> cupy.ElementwiseKernel
+
+
+def sgd_momentum_step(param, grad, buf, lr, momentum, dampening, weight_decay, nesterov):
+    """One SGD step with momentum, in one kernel: returns new ``(param, momentum_buffer)`` arrays.
+
+    The update of :class:`portable_cnn.optim.SGD` after its first step (the
+    buffer exists): ``d = g + weight_decay * p``, ``buf = momentum * buf +
+    (1 - dampening) * d``, ``p = p - lr * (d + momentum * buf if nesterov
+    else buf)``, with the Python numbers cast to the parameter's dtype as the
+    standard path's operations cast them. The inputs are not written.
+    """
+    cupy = _cupy_module()
+    kernel = _sgd_kernels.get(bool(nesterov))
+    if kernel is None:
+        kernel = cupy.ElementwiseKernel(
+            "T p, T g, T buf, T lr, T momentum, T one_minus_dampening, T weight_decay",
+            "T p_out, T buf_out",
+            _SGD_BODY.format(step="d + momentum * b" if nesterov else "b"),
+            "portable_cnn_sgd_nesterov" if nesterov else "portable_cnn_sgd_momentum",
+            options=("--fmad=false",),
+        )
+        _sgd_kernels[bool(nesterov)] = kernel
+    scalar = param.dtype.type
+    with param.device:
+        return kernel(param, grad, buf, scalar(lr), scalar(momentum), scalar(1 - dampening), scalar(weight_decay))
 
 
 # --- GPU out of memory ------------------------------------------------------

@@ -333,9 +333,8 @@ def conv2d_backward(
         cols = im2col(x, (R, S), (u, v), (a, b), (dh, dw))  # (N*P*Q, C*R*S)
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (N * P * Q, K))  # (N*P*Q, K)
     w2 = xp.reshape(weight, (K, C * R * S))  # (K, C*R*S)
-    splits = _weight_grad_splits(N, P * Q) if backend.is_cupy(xp) else 1
-    dweight = xp.reshape(_weight_grad(xp, dy2, cols, splits), (K, C, R, S))  # (K, C*R*S) -> (K, C, R, S)
-    dbias = xp.sum(dy2, axis=0) if has_bias else None  # (K,)
+    dweight = xp.reshape(dy2.T @ cols, (K, C, R, S))  # (K, C*R*S) -> (K, C, R, S)
+    dbias = _column_sums(xp, dy2) if has_bias else None  # (K,)
     if not need_input_grad:
         return None, dweight, dbias
     dcols = dy2 @ w2  # (N*P*Q, C*R*S)
@@ -343,33 +342,17 @@ def conv2d_backward(
     return dx, dweight, dbias
 
 
-# The weight gradient's GEMM, dW = dy2.T @ cols, reduces over all N*P*Q rows
-# into a small K x C*R*S result. As one GEMM that gives a GPU a handful of
-# output tiles and leaves most of it idle: cuBLAS ran vgg-small's at 0.9
-# TFLOP/s on an H200, two thirds of the CuPy training step. Split into G
-# slices of whole samples, multiplied as one batched GEMM (G times the tiles)
-# and summed, it is a "split-K" GEMM. Only CuPy splits; other backends keep
-# the single GEMM (their BLAS blocks the reduction itself).
-_SPLIT_MIN_ROWS = 2048  # rows of N*P*Q per slice, at least
-_SPLIT_MAX = 64
+def _column_sums(xp, a):
+    """Sums of the columns of the tall 2-D ``a`` (the bias gradient): on CuPy a GEMV, ``ones @ a``, else ``sum``.
 
-
-def _weight_grad_splits(N, PQ):
-    """The number of batch slices G for the weight gradient: the largest divisor of N with slices of enough rows."""
-    for G in range(min(N, _SPLIT_MAX), 1, -1):
-        if N % G == 0 and (N // G) * PQ >= _SPLIT_MIN_ROWS:
-            return G
-    return 1
-
-
-def _weight_grad(xp, dy2, cols, splits):
-    """``dy2.T @ cols`` (K, C*R*S), as ``splits`` batched partial products summed when ``splits > 1``."""
-    if splits == 1:
-        return dy2.T @ cols  # (K, N*P*Q) @ (N*P*Q, C*R*S)
-    M, K = dy2.shape
-    dy3 = xp.reshape(dy2, (splits, M // splits, K))  # (G, N*P*Q/G, K)
-    cols3 = xp.reshape(cols, (splits, M // splits, cols.shape[1]))  # (G, N*P*Q/G, C*R*S)
-    return xp.sum(xp.matmul(xp.permute_dims(dy3, (0, 2, 1)), cols3), axis=0)  # (G, K, C*R*S) -> (K, C*R*S)
+    CuPy reduces over axis 0 with one thread block per output column, a
+    handful of blocks for K channels, each walking N*P*Q rows 4*K bytes apart.
+    cuBLAS's GEMV reads ``a`` once at full bandwidth.
+    """
+    if backend.is_cupy(xp):
+        ones = xp.ones_like(a[:, 0])  # (N*P*Q,), a's dtype and device
+        return ones @ a  # (N*P*Q,) @ (N*P*Q, K) -> (K,)
+    return xp.sum(a, axis=0)
 
 
 # --- NumPy fast path ------------------------------------------------------

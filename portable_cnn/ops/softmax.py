@@ -8,6 +8,7 @@ gradient ``(softmax(z) - onehot(y)) / N`` (docs/derivation.md, section 6).
 from __future__ import annotations
 
 from .. import backend
+from . import _cupy
 from ._checks import check_float, check_ndim, namespace_of
 
 __all__ = [
@@ -109,6 +110,8 @@ def softmax_cross_entropy(logits, labels, *, validate=True, where="softmax_cross
     """
     xp = namespace_of(logits, labels, where=where)
     _check_loss_args(xp, logits, labels, where, validate)
+    if backend.is_cupy(xp) and _cupy.supports(logits.dtype):
+        return _cupy.softmax_cross_entropy(logits, labels)  # one kernel and the mean (the lines below: fifteen)
     logp = log_softmax(logits, axis=1, where=where)  # (N, K)
     target = one_hot(labels, logits.shape[1], logits.dtype)  # (N, K)
     # asarray: NumPy reductions return a scalar, not the 0-d array the other backends give.
@@ -118,5 +121,7 @@ def softmax_cross_entropy(logits, labels, *, validate=True, where="softmax_cross
 
 def softmax_cross_entropy_backward(probs, labels, dloss=1.0):
     """``dloss * (probs - onehot(labels)) / N``: the gradient with respect to the logits."""
-    namespace_of(probs, labels, where="softmax_cross_entropy")
+    xp = namespace_of(probs, labels, where="softmax_cross_entropy")
+    if backend.is_cupy(xp) and _cupy.supports(probs.dtype) and isinstance(dloss, (int, float)):
+        return _cupy.softmax_cross_entropy_backward(probs, labels, dloss / probs.shape[0])
     return (probs - one_hot(labels, probs.shape[1], probs.dtype)) * (dloss / probs.shape[0])
