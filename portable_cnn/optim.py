@@ -210,7 +210,6 @@ class SGD(Optimizer):
         if self.weight_decay != 0:
             grad = grad + self.weight_decay * param
         if self.momentum != 0:
-            buf = state.get("momentum_buffer")
             if buf is None:
                 # A copy, as torch clones: the gradient array belongs to the layer,
                 # which (or a user clipping in place) may write into it later.
