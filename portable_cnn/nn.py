@@ -26,6 +26,7 @@ start at zero.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -36,6 +37,7 @@ from .ops.dropout import check_probability
 
 __all__ = [
     "manual_seed",
+    "layer_hook",
     "Module",
     "Conv2d",
     "MaxPool2d",
@@ -72,27 +74,165 @@ def _he_normal(rng, shape, fan_in) -> np.ndarray:
     return (_generator(rng).standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
 
 
+_hook = None  # set by layer_hook: how containers call their children
+
+
+@contextmanager
+def layer_hook(hook):
+    """Route every call a container makes to a child through ``hook`` while the block runs.
+
+    ``hook(layer, direction, call)`` is called with the child, ``"forward"``
+    or ``"backward"``, and ``call``, which runs the child's method with the
+    arguments the container gave and returns its result; the hook returns
+    that result. Containers are children too (they are reported, then their
+    own children), so a profiler that times layers times the leaves only.
+    ``portable-cnn bench --breakdown`` times layer types this way.
+
+    >>> from portable_cnn import nn
+    >>> seen = []
+    >>> def record(layer, direction, call):
+    ...     seen.append((type(layer).__name__, direction))
+    ...     return call()
+    >>> model = nn.Sequential(nn.Linear(2, 2, rng=0), nn.ReLU())
+    >>> with layer_hook(record):
+    ...     _ = model.backward(model.forward(np.ones((1, 2), dtype=np.float32)))
+    >>> seen
+    [('Linear', 'forward'), ('ReLU', 'forward'), ('ReLU', 'backward'), ('Linear', 'backward')]
+    """
+    global _hook
+    previous, _hook = _hook, hook
+    try:
+        yield
+    finally:
+        _hook = previous
+
+
+def _call_child(layer, direction, method, *args, **kwargs):
+    """``method(*args, **kwargs)``, through the active :func:`layer_hook` if there is one."""
+    if _hook is None:
+        return method(*args, **kwargs)
+    return _hook(layer, direction, lambda: method(*args, **kwargs))
+
+
 class Module:
-    """Base of all layers: parameter bookkeeping, modes and backend moves."""
+    """Base of all layers and containers: parameters, buffers, child modules, modes and backend moves.
+
+    A module owns ``params`` and ``buffers`` (dicts of raw arrays) and
+    ``grads`` (written by ``backward``). Child modules are the attributes
+    that hold a :class:`Module` (registered by assignment, in order) and the
+    items of ``Sequential``; :meth:`named_modules` walks them, and every
+    method that concerns the whole model (``named_parameters``,
+    ``state_dict``, ``train``, ``to``) follows that walk, so modules nest to
+    any depth with dotted names (``"3.body.0.weight"``), as ``torch.nn``
+    names them.
+    """
 
     def __init__(self):
+        object.__setattr__(self, "_children", {})
         self.params: dict = {}
         self.grads: dict = {}
         self.buffers: dict = {}
         self.training = True
 
+    def __setattr__(self, name, value):
+        children = self.__dict__.get("_children")
+        if children is None:
+            raise AttributeError(f"{type(self).__name__}: call Module.__init__() before setting attributes")
+        if isinstance(value, Module):
+            children[name] = value
+        else:
+            children.pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def add_module(self, name: str, module) -> None:
+        """Register ``module`` as a child called ``name`` (``Sequential`` uses ``"0"``, ``"1"``, ...)."""
+        if not isinstance(module, Module):
+            raise TypeError(f"{type(self).__name__}: child {name!r} must be a portable_cnn.nn.Module, got {type(module).__name__}")
+        self._children[str(name)] = module
+
     def forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, dy):  # pragma: no cover - abstract
+    def backward(self, dy, need_input_grad=True):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    @property
+    def where(self) -> str:
+        """This module's name in error messages, its ``repr``, formatted on first use and then kept."""
+        where = self.__dict__.get("_where")
+        if where is None:
+            where = repr(self)
+            object.__setattr__(self, "_where", where)
+        return where
+
+    # ---------------------------------------------------------------- the tree
+
+    def children(self):
+        """The direct child modules, in registration order."""
+        return iter(self._children.values())
+
+    def named_modules(self, prefix: str = ""):
+        """Yield ``(dotted name, module)`` for this module (name ``prefix``) and every descendant, depth first."""
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self):
+        """Yield ``(name, module, key)`` for each parameter, in ``state_dict`` order (``module.params[key]``)."""
+        for prefix, module in self.named_modules():
+            for key in module.params:
+                yield (f"{prefix}.{key}" if prefix else key), module, key
+
+    def named_buffers(self):
+        """Yield ``(name, module, key)`` for each buffer (BatchNorm statistics), as :meth:`named_parameters`."""
+        for prefix, module in self.named_modules():
+            for key in module.buffers:
+                yield (f"{prefix}.{key}" if prefix else key), module, key
+
+    def state_dict(self) -> dict:
+        """Parameters and buffers by torch-style dotted name, as arrays of the current backend."""
+        out = {}
+        for prefix, module in self.named_modules():
+            for store in (module.params, module.buffers):
+                for key, value in store.items():
+                    out[f"{prefix}.{key}" if prefix else key] = value
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load arrays (any backend) by name onto this model's backend, dtype and device.
+
+        Keys must match exactly and shapes must agree; otherwise ``KeyError`` or
+        ``ValueError`` names the offending keys, and nothing is changed.
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        own = {name: (module, key) for name, module, key in [*self.named_parameters(), *self.named_buffers()]}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        staged = []
+        for name, (module, key) in own.items():
+            store = module.params if key in module.params else module.buffers
+            current = store[key]
+            value = state[name]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(
+                    f"{where}: {name} ({module.where}) expected shape {tuple(current.shape)}, got {tuple(value.shape)}"
+                )
+            xp = backend.namespace(current)
+            staged.append((store, key, backend.asarray(value, xp, dtype=current.dtype, device=backend.device(current))))
+        for store, key, value in staged:
+            store[key] = value
+
+    # ------------------------------------------------------- modes and moves
+
     def train(self, mode: bool = True):
-        """Switch to training mode (``False``: evaluation); returns ``self``."""
-        self.training = mode
+        """Switch this module and its descendants to training mode (``False``: evaluation); returns ``self``."""
+        for _, module in self.named_modules():
+            module.training = mode
         return self
 
     def eval(self):
@@ -100,23 +240,24 @@ class Module:
         return self.train(False)
 
     def to(self, backend_name: str | ModuleType = "numpy", dtype=None):
-        """Move parameters and buffers to a backend (``"numpy"``, ``"cupy"``, ...), optionally casting floats.
+        """Move parameters and buffers of the whole tree to a backend (``"numpy"``, ``"cupy"``, ...), optionally casting floats.
 
-        Returns ``self``. Integer buffers keep their dtype.
+        Returns ``self``. Integer buffers keep their dtype; gradients are dropped.
         """
         xp = backend.get_namespace(backend_name) if isinstance(backend_name, str) else backend_name
-        for store in (self.params, self.buffers):
-            for key, value in store.items():
-                floating = np.dtype(backend.dtype_name(value)).kind == "f"
-                store[key] = backend.asarray(value, xp, dtype=dtype if floating else None)
-        self.grads = {}
+        for _, module in self.named_modules():
+            for store in (module.params, module.buffers):
+                for key, value in store.items():
+                    floating = np.dtype(backend.dtype_name(value)).kind == "f"
+                    store[key] = backend.asarray(value, xp, dtype=dtype if floating else None)
+            module.grads = {}
         return self
 
     def _check_param_shapes(self):
         """Refuse parameters a user set to the wrong shape, naming the layer."""
         for key, shape in self._param_shapes().items():
             if key in self.params and tuple(self.params[key].shape) != shape:
-                raise ValueError(f"{self!r}: expected params[{key!r}] of shape {shape}, got {tuple(self.params[key].shape)}")
+                raise ValueError(f"{self.where}: expected params[{key!r}] of shape {shape}, got {tuple(self.params[key].shape)}")
 
     def _param_shapes(self) -> dict:
         return {}
@@ -164,7 +305,7 @@ class Conv2d(Module):
         self._check_param_shapes()
         y, cols = ops.conv2d(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation,
-            return_cols=True, workspace=self._workspace, where=repr(self),
+            return_cols=True, workspace=self._workspace, where=self.where,
         )
         # Training keeps the im2col matrix for dW; evaluation keeps only x.
         self._cache = (x, cols if self.training else None)
@@ -175,7 +316,7 @@ class Conv2d(Module):
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation,
             cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,
-            workspace=self._workspace, where=repr(self),
+            workspace=self._workspace, where=self.where,
         )
         if db is not None:
             self.grads["bias"] = db
@@ -202,12 +343,12 @@ class Linear(Module):
     def forward(self, x):
         self._check_param_shapes()
         self._x = x
-        return ops.linear(x, self.params["weight"], self.params.get("bias"), where=repr(self))
+        return ops.linear(x, self.params["weight"], self.params.get("bias"), where=self.where)
 
     def backward(self, dy, need_input_grad=True):
         dx, self.grads["weight"], db = ops.linear_backward(
             dy, self._x, self.params["weight"], has_bias="bias" in self.params,
-            need_input_grad=need_input_grad, where=repr(self),
+            need_input_grad=need_input_grad, where=self.where,
         )
         if db is not None:
             self.grads["bias"] = db
@@ -231,25 +372,29 @@ class MaxPool2d(_Pool2d):
     """Max pooling, as ``torch.nn.MaxPool2d``; the gradient goes to the first maximum of each window."""
 
     def forward(self, x):
-        y, argmax = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, where=repr(self))
+        y, argmax = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, where=self.where)
         self._cache = (tuple(x.shape), argmax)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
         x_shape, argmax = self._cache
-        return ops.max_pool2d_backward(dy, argmax, x_shape, self.kernel_size, self.stride, self.padding, where=repr(self))
+        return ops.max_pool2d_backward(dy, argmax, x_shape, self.kernel_size, self.stride, self.padding, where=self.where)
 
 
 class AvgPool2d(_Pool2d):
     """Average pooling, as ``torch.nn.AvgPool2d`` (padding counts in the divisor)."""
 
     def forward(self, x):
-        y = ops.avg_pool2d(x, self.kernel_size, self.stride, self.padding, where=repr(self))
+        y = ops.avg_pool2d(x, self.kernel_size, self.stride, self.padding, where=self.where)
         self._cache = tuple(x.shape)
         return y
 
-    def backward(self, dy):
-        return ops.avg_pool2d_backward(dy, self._cache, self.kernel_size, self.stride, self.padding, where=repr(self))
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.avg_pool2d_backward(dy, self._cache, self.kernel_size, self.stride, self.padding, where=self.where)
 
 
 class ReLU(Module):
@@ -257,32 +402,38 @@ class ReLU(Module):
 
     def forward(self, x):
         self._x = x
-        return ops.relu(x, where=repr(self))
+        return ops.relu(x, where=self.where)
 
-    def backward(self, dy):
-        return ops.relu_backward(dy, self._x, where=repr(self))
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.relu_backward(dy, self._x, where=self.where)
 
 
 class Sigmoid(Module):
     """Logistic sigmoid."""
 
     def forward(self, x):
-        self._y = ops.sigmoid(x, where=repr(self))
+        self._y = ops.sigmoid(x, where=self.where)
         return self._y
 
-    def backward(self, dy):
-        return ops.sigmoid_backward(dy, self._y, where=repr(self))
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.sigmoid_backward(dy, self._y, where=self.where)
 
 
 class Tanh(Module):
     """Hyperbolic tangent."""
 
     def forward(self, x):
-        self._y = ops.tanh(x, where=repr(self))
+        self._y = ops.tanh(x, where=self.where)
         return self._y
 
-    def backward(self, dy):
-        return ops.tanh_backward(dy, self._y, where=repr(self))
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.tanh_backward(dy, self._y, where=self.where)
 
 
 class Flatten(Module):
@@ -290,10 +441,12 @@ class Flatten(Module):
 
     def forward(self, x):
         self._shape = tuple(x.shape)
-        return ops.flatten(x, where=repr(self))
+        return ops.flatten(x, where=self.where)
 
-    def backward(self, dy):
-        return ops.flatten_backward(dy, self._shape, where=repr(self))
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.flatten_backward(dy, self._shape, where=self.where)
 
 
 class SoftmaxCrossEntropy(Module):
@@ -310,7 +463,7 @@ class SoftmaxCrossEntropy(Module):
         self._cache = None
 
     def forward(self, logits, labels):
-        loss, probs = ops.softmax_cross_entropy(logits, labels, validate=self.validate, where=repr(self))
+        loss, probs = ops.softmax_cross_entropy(logits, labels, validate=self.validate, where=self.where)
         self._cache = (probs, labels)
         return loss
 
@@ -320,12 +473,15 @@ class SoftmaxCrossEntropy(Module):
 
 
 class Sequential(Module):
-    """Layers applied in order; ``state_dict`` keys as ``torch.nn.Sequential`` names them (``"0.weight"``).
+    """Modules applied in order; ``state_dict`` keys as ``torch.nn.Sequential`` names them (``"0.weight"``).
+
+    Any module can be an item, a ``Sequential`` too; nested names are dotted
+    (``"1.0.weight"``).
 
     >>> from portable_cnn import nn
-    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 2), nn.Tanh()))
     >>> [name for name, _, _ in model.named_parameters()]
-    ['0.weight', '0.bias', '2.weight', '2.bias']
+    ['0.weight', '0.bias', '2.0.weight', '2.0.bias']
     """
 
     def __init__(self, *layers):
@@ -333,6 +489,7 @@ class Sequential(Module):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential: layer {i} must be a portable_cnn.nn.Module, got {type(layer).__name__}")
+            self.add_module(str(i), layer)
         self.layers = list(layers)
 
     def __len__(self):
@@ -345,87 +502,27 @@ class Sequential(Module):
         return iter(self.layers)
 
     def __repr__(self):
-        inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        inner = "".join(f"\n  ({i}): " + repr(layer).replace("\n", "\n  ") for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
     def forward(self, x):
         for layer in self.layers:
-            x = layer.forward(x)
+            x = _call_child(layer, "forward", layer.forward, x)
         return x
 
     def backward(self, dy, need_input_grad=True):
         """Backpropagate ``dy`` = dL/d(output); return dL/d(input).
 
         With ``need_input_grad=False`` (training on data, whose gradient nobody
-        reads) a first Conv2d/Linear layer skips its input gradient, one GEMM
-        and a col2im, and ``None`` is returned.
+        reads) the first module is told so: a Conv2d or Linear then skips its
+        input gradient, one GEMM and a col2im, and ``None`` is returned.
         """
-        for i in range(len(self.layers) - 1, -1, -1):
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
             layer = self.layers[i]
-            if i == 0 and not need_input_grad and isinstance(layer, (Conv2d, Linear)):
-                return layer.backward(dy, need_input_grad=False)
-            dy = layer.backward(dy)
+            wanted = need_input_grad or i > 0
+            dy = _call_child(layer, "backward", layer.backward, dy, need_input_grad=wanted)
         return dy
-
-    def train(self, mode: bool = True):
-        self.training = mode
-        for layer in self.layers:
-            layer.train(mode)
-        return self
-
-    def to(self, backend_name="numpy", dtype=None):
-        for layer in self.layers:
-            layer.to(backend_name, dtype)
-        return self
-
-    def named_parameters(self):
-        """Yield ``(name, layer, key)`` for each parameter, in ``state_dict`` order."""
-        for i, layer in enumerate(self.layers):
-            for key in layer.params:
-                yield f"{i}.{key}", layer, key
-
-    def named_buffers(self):
-        """Yield ``(name, layer, key)`` for each buffer (BatchNorm statistics)."""
-        for i, layer in enumerate(self.layers):
-            for key in layer.buffers:
-                yield f"{i}.{key}", layer, key
-
-    def state_dict(self) -> dict:
-        """Parameters and buffers by torch-style name, as arrays of the current backend."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            for key, value in layer.params.items():
-                out[f"{i}.{key}"] = value
-            for key, value in layer.buffers.items():
-                out[f"{i}.{key}"] = value
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load arrays (any backend) by name onto this model's backend, dtype and device.
-
-        Keys must match exactly and shapes must agree; otherwise ``KeyError`` or
-        ``ValueError`` names the offending keys, and nothing is changed.
-        """
-        own = {}
-        for name, layer, key in list(self.named_parameters()) + list(self.named_buffers()):
-            own[name] = (layer, key)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"Sequential.load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = []
-        for name, (layer, key) in own.items():
-            store = layer.params if key in layer.params else layer.buffers
-            current = store[key]
-            value = state[name]
-            if tuple(value.shape) != tuple(current.shape):
-                raise ValueError(
-                    f"Sequential.load_state_dict: {name} ({layer!r}) expected shape {tuple(current.shape)}, got {tuple(value.shape)}"
-                )
-            xp = backend.namespace(current)
-            staged.append((store, key, backend.asarray(value, xp, dtype=current.dtype, device=backend.device(current))))
-        for store, key, value in staged:
-            store[key] = value
 
 
 class BatchNorm2d(Module):
@@ -470,16 +567,16 @@ class BatchNorm2d(Module):
         self._check_param_shapes()
         y, self._cache, running_mean, running_var = ops.batch_norm2d(
             x, self.params["weight"], self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
-            training=self.training, momentum=self.momentum, eps=self.eps, where=repr(self),
+            training=self.training, momentum=self.momentum, eps=self.eps, where=self.where,
         )
         if self.training:
             self.buffers["running_mean"], self.buffers["running_var"] = running_mean, running_var
             self.buffers["num_batches_tracked"] = self.buffers["num_batches_tracked"] + 1
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_input_grad=True):
         dx, self.grads["weight"], self.grads["bias"] = ops.batch_norm2d_backward(dy, self._cache)
-        return dx
+        return dx if need_input_grad else None
 
 
 class Dropout(Module):
@@ -514,12 +611,14 @@ class Dropout(Module):
             # Identity: no random numbers are drawn, nothing is cached.
             self._mask = None
             return x
-        xp = backend.namespace(x, where=repr(self))
+        xp = backend.namespace(x, where=self.where)
         uniform = backend.random_uniform(xp, tuple(x.shape), _generator(self.rng), dtype=x.dtype, device=backend.device(x))
-        y, self._mask = ops.dropout(x, self.p, uniform, where=repr(self))
+        y, self._mask = ops.dropout(x, self.p, uniform, where=self.where)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
         if self._mask is None:
             return dy
-        return ops.dropout_backward(dy, self._mask, where=repr(self))
+        return ops.dropout_backward(dy, self._mask, where=self.where)
