@@ -40,6 +40,9 @@ __all__ = [
     "get_namespace",
     "resolve_backend",
     "backend_name",
+    "library_name",
+    "dtype_name",
+    "dtype_name_of",
     "device",
     "to_numpy",
     "asarray",
@@ -267,7 +270,7 @@ def asarray(a, xp: ModuleType, *, dtype=None, device=None):
     """
     dtype = _as_xp_dtype(xp, dtype)
     if _is_array(a) and not isinstance(a, np.ndarray):
-        if _backend_of(a) == _namespace_backend(xp):
+        if _backend_of(a) == library_name(xp):
             out = a if dtype is None else xp.astype(a, dtype)
             return out if device is None else array_api_compat.to_device(out, device)
         a = to_numpy(a)
@@ -281,14 +284,30 @@ def asarray(a, xp: ModuleType, *, dtype=None, device=None):
     return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
-def _namespace_backend(xp: ModuleType) -> str:
-    if is_numpy(xp):
-        return "numpy"
-    if is_cupy(xp):
-        return "cupy"
-    if is_torch(xp):
-        return "torch"
-    return "array_api_strict"
+_LIBRARIES: dict = {}  # namespace -> library name
+
+
+def library_name(xp: ModuleType) -> str:
+    """The library behind namespace ``xp``: ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+
+    What :mod:`portable_cnn.dispatch` keys its kernels by. Cached per
+    namespace: it is asked on every op call.
+
+    >>> library_name(get_namespace("numpy"))
+    'numpy'
+    """
+    name = _LIBRARIES.get(xp)
+    if name is None:
+        if is_numpy(xp):
+            name = "numpy"
+        elif is_cupy(xp):
+            name = "cupy"
+        elif is_torch(xp):
+            name = "torch"
+        else:  # array_api_strict, or another library of the standard
+            name = xp.__name__.split(".")[0]
+        _LIBRARIES[xp] = name
+    return name
 
 
 def _as_xp_dtype(xp: ModuleType, dtype):
@@ -332,8 +351,13 @@ def is_floating(xp: ModuleType, x) -> bool:
 
 def dtype_name(x) -> str:
     """A short dtype name for error messages (``"float32"``)."""
+    return dtype_name_of(x.dtype)
+
+
+def dtype_name_of(dtype) -> str:
+    """The short name of a dtype object of any library (``"float32"``)."""
     # torch says "torch.float32", array_api_strict "array_api_strict.float32".
-    return str(x.dtype).rsplit(".", 1)[-1]
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def random_uniform(xp: ModuleType, shape, rng, *, dtype=None, device=None):

@@ -34,7 +34,7 @@ import numbers
 import os
 from contextlib import contextmanager
 
-__all__ = ["ConfigError", "get_config", "set_config", "config_context", "ENVIRONMENT"]
+__all__ = ["ConfigError", "get_config", "setting", "set_config", "config_context", "ENVIRONMENT"]
 
 
 class ConfigError(ValueError):
@@ -125,6 +125,11 @@ def get_config() -> dict:
     that is read here holds a bad value.
     """
     return dict(_current())
+
+
+def setting(name: str):
+    """The current value of one setting, without copying the whole dict: for the hot path (dispatch, kernels)."""
+    return _current()[name]
 
 
 def set_config(*, fast_paths=None, workspace_mb=None, num_threads=..., tf32=None) -> None:

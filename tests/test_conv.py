@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +16,11 @@ from gradcheck import assert_grad_close, numerical_grad, projected_loss
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from portable_cnn.ops import col2im, conv, conv2d, conv2d_backward, im2col, out_size
+from portable_cnn import config_context, dispatch
+from portable_cnn.geometry import ConvGeometry
+from portable_cnn.kernels.numpy import conv as numpy_conv
+from portable_cnn.kernels.reference import conv as reference_conv
+from portable_cnn.ops import col2im, conv2d, conv2d_backward, im2col, out_size
 
 
 class ConvConfig(NamedTuple):
@@ -262,33 +265,21 @@ def test_conv2d_does_not_modify_inputs(backend, cfg):
 @settings(max_examples=30, deadline=None)
 @given(cfg=conv_configs(max_hw=6))
 @_corner_cases
-def test_im2col_col2im_numpy_fast_paths_match_standard_path(cfg):
-    """The NumPy early returns (_im2col_numpy, _col2im_numpy) give exactly what the standard-only path gives."""
+def test_public_im2col_col2im_are_the_reference_on_every_backend(cfg):
+    """The public im2col/col2im run the reference kernels (NCHW, (c, r, s) columns) on NumPy and array_api_strict alike."""
     x, *_ = cfg.arrays()
     ksize, shape = (cfg.R, cfg.S), x.shape
     rng = np.random.default_rng(cfg.seed + 1)
     c = rng.standard_normal((cfg.N * cfg.P * cfg.Q, cfg.C * cfg.R * cfg.S))
-    with (
-        mock.patch.object(conv, "_im2col_numpy", wraps=conv._im2col_numpy) as im2col_fast,
-        mock.patch.object(conv, "_col2im_numpy", wraps=conv._col2im_numpy) as col2im_fast,
-    ):
-        fast_cols = im2col(x, ksize, **cfg.options)
-        fast_x = col2im(c, shape, ksize, **cfg.options)
-    assert im2col_fast.call_count == 1 and col2im_fast.call_count == 1
-    # The standard path on the same NumPy arrays: tell the module it is not NumPy.
-    with (
-        mock.patch.object(conv.backend, "is_numpy", return_value=False),
-        mock.patch.object(conv, "_im2col_numpy", side_effect=AssertionError("fast path taken")),
-        mock.patch.object(conv, "_col2im_numpy", side_effect=AssertionError("fast path taken")),
-    ):
-        standard_cols = im2col(x, ksize, **cfg.options)
-        standard_x = col2im(c, shape, ksize, **cfg.options)
-    np.testing.assert_array_equal(fast_cols, standard_cols)
-    np.testing.assert_array_equal(fast_x, standard_x)
-    # And the standard path on array_api_strict, where no fast path exists.
+    g = ConvGeometry.of(shape, (1, cfg.C, cfg.R, cfg.S), (cfg.u, cfg.v), (cfg.a, cfg.b), (cfg.dh, cfg.dw))
+    xp = make_backend("numpy").xp
+    cols = im2col(x, ksize, **cfg.options)
+    folded = col2im(c, shape, ksize, **cfg.options)
+    np.testing.assert_array_equal(cols, reference_conv.im2col(xp, x, g))
+    np.testing.assert_array_equal(folded, reference_conv.col2im(xp, c, g))
     strict = make_backend("array_api_strict")
-    np.testing.assert_array_equal(strict.to_numpy(im2col(strict.asarray(x), ksize, **cfg.options)), fast_cols)
-    np.testing.assert_array_equal(strict.to_numpy(col2im(strict.asarray(c), shape, ksize, **cfg.options)), fast_x)
+    np.testing.assert_array_equal(strict.to_numpy(im2col(strict.asarray(x), ksize, **cfg.options)), cols)
+    np.testing.assert_array_equal(strict.to_numpy(col2im(strict.asarray(c), shape, ksize, **cfg.options)), folded)
 
 
 def _conv_all_paths(cfg: ConvConfig) -> dict:
@@ -307,8 +298,11 @@ def _conv_all_paths(cfg: ConvConfig) -> dict:
 @_corner_cases
 def test_conv2d_numpy_fast_path_matches_standard_path(cfg):
     """Sections 3-5: NumPy's channels-last conv2d/conv2d_backward early returns agree with the standard path."""
+    xp = make_backend("numpy").xp
+    assert dispatch.kernel("conv2d_forward", xp, np.dtype("float64")) is numpy_conv.conv2d_forward
     fast = _conv_all_paths(cfg)
-    with mock.patch.object(conv.backend, "is_numpy", return_value=False):
+    with config_context(fast_paths=False):
+        assert dispatch.kernel("conv2d_forward", xp, np.dtype("float64")) is reference_conv.conv2d_forward
         standard = _conv_all_paths(cfg)
     for name in fast:
         np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
@@ -320,14 +314,15 @@ def test_conv2d_numpy_fast_path_matches_standard_path(cfg):
 def test_conv2d_batch_chunks_match_one_gemm(cfg):
     """Sections 3-5: a workspace limit that forces one sample per im2col matrix changes no result."""
     whole = _conv_all_paths(cfg)
-    limit = conv.get_workspace_limit()
-    try:
-        conv.set_workspace_limit(1e-9)  # below one sample: every call is split into N slices
+    with config_context(workspace_mb=1e-9):  # below one sample: every call is split into N slices
         chunked = _conv_all_paths(cfg)
-        assert conv._batch_chunk((cfg.N, cfg.C, cfg.H, cfg.W), (cfg.K, cfg.C, cfg.R, cfg.S), cfg.P, cfg.Q, "float64") == 1
-    finally:
-        conv.set_workspace_limit(limit)
+        g = ConvGeometry.of((cfg.N, cfg.C, cfg.H, cfg.W), (cfg.K, cfg.C, cfg.R, cfg.S), (cfg.u, cfg.v), (cfg.a, cfg.b),
+                            (cfg.dh, cfg.dw))
+        assert g.samples_per_slice(8, 1e-9 * 2**20) == 1
+        with config_context(fast_paths=False):
+            chunked_reference = _conv_all_paths(cfg)
     for name in whole:
+        np.testing.assert_allclose(chunked_reference[name], whole[name], err_msg=name, **tol("float64"))
         np.testing.assert_allclose(chunked[name], whole[name], err_msg=name, **tol("float64"))
 
 
@@ -450,9 +445,9 @@ def test_conv2d_workspace_reuse_changes_no_result(cfg):
 def test_conv2d_numpy_blocks_of_samples_match_standard_path(cfg, samples_per_block, monkeypatch):
     """Sections 3-5: NumPy's blocked path with several blocks per thread and a short last block."""
     per_sample = cfg.P * cfg.Q * cfg.R * cfg.S * max(cfg.C, cfg.K) * 8
-    monkeypatch.setattr(conv, "_BLOCK_BYTES", samples_per_block * per_sample)
+    monkeypatch.setattr(numpy_conv, "_BLOCK_BYTES", samples_per_block * per_sample)
     fast = _conv_all_paths(cfg)
-    with mock.patch.object(conv.backend, "is_numpy", return_value=False):
+    with config_context(fast_paths=False):
         standard = _conv_all_paths(cfg)
     for name in fast:
         np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from portable_cnn.ops import _parallel
+from portable_cnn.kernels.numpy import parallel as _parallel
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 128])

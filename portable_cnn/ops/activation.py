@@ -1,26 +1,30 @@
-"""Elementwise activations, forward and backward.
+"""Elementwise activations, forward and backward: validation and dispatch.
 
 Each backward takes what its forward cached: ``relu`` the input (its sign is
 the mask), ``sigmoid`` and ``tanh`` their output, whose derivative is a
-function of the output alone (docs/derivation.md, section 8).
+function of the output alone (docs/derivation.md, section 8). The arithmetic
+is in ``kernels/reference/activation.py`` (and the NumPy and CuPy kernels
+for ReLU).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from .. import backend
-from . import _cupy
+from .. import dispatch
 from ._checks import check_float, check_grad_shape, namespace_of
-from ._parallel import parallel_apply
 
 __all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward"]
 
 
-def _float_namespace(x, where):
+def _forward(op, x, where):
     xp = namespace_of(x, where=where)
     check_float(x, where)
-    return xp
+    return dispatch.kernel(op, xp, x.dtype)(xp, x)
+
+
+def _backward(op, dy, saved, where):
+    xp = namespace_of(dy, saved, where=where)
+    check_grad_shape(dy, saved.shape, where)
+    return dispatch.kernel(op, xp, dy.dtype)(xp, dy, saved)
 
 
 def relu(x, *, where="relu"):
@@ -30,57 +34,29 @@ def relu(x, *, where="relu"):
     >>> relu(np.array([-1.0, 0.0, 2.0]))
     array([0., 0., 2.])
     """
-    xp = _float_namespace(x, where)
-    if backend.is_numpy(xp):
-        # One pass on every core; empty_like keeps x's memory layout.
-        return parallel_apply(_relu_into, np.empty_like(x), x)
-    if backend.is_cupy(xp) and _cupy.supports(x.dtype):
-        return _cupy.relu(x)  # one kernel (the line below is three)
-    return xp.where(x > 0, x, xp.zeros_like(x))
+    return _forward("relu_forward", x, where)
 
 
 def relu_backward(dy, x, *, where="relu"):
     """``dy`` where ``x > 0``, else 0 (the subgradient at 0 is taken as 0, as PyTorch does)."""
-    xp = namespace_of(dy, x, where=where)
-    check_grad_shape(dy, x.shape, where)
-    if backend.is_numpy(xp):
-        # A product, not np.where: the same result for finite dy, several times faster.
-        return parallel_apply(_relu_backward_into, np.empty_like(dy), dy, x)
-    if backend.is_cupy(xp) and _cupy.supports(dy.dtype) and dy.dtype == x.dtype:
-        return _cupy.relu_backward(dy, x)
-    return xp.where(x > 0, dy, xp.zeros_like(dy))
-
-
-def _relu_into(out, x):
-    np.maximum(x, x.dtype.type(0), out=out)
-
-
-def _relu_backward_into(out, dy, x):
-    np.multiply(dy, x > 0, out=out)
+    return _backward("relu_backward", dy, x, where)
 
 
 def sigmoid(x, *, where="sigmoid"):
     """``1 / (1 + exp(-x))``, computed without overflow for any finite ``x``."""
-    xp = _float_namespace(x, where)
-    e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return _forward("sigmoid_forward", x, where)
 
 
 def sigmoid_backward(dy, y, *, where="sigmoid"):
     """``dy * y * (1 - y)`` with ``y`` the forward's output."""
-    namespace_of(dy, y, where=where)
-    check_grad_shape(dy, y.shape, where)
-    return dy * y * (1 - y)
+    return _backward("sigmoid_backward", dy, y, where)
 
 
 def tanh(x, *, where="tanh"):
     """Hyperbolic tangent."""
-    xp = _float_namespace(x, where)
-    return xp.tanh(x)
+    return _forward("tanh_forward", x, where)
 
 
 def tanh_backward(dy, y, *, where="tanh"):
     """``dy * (1 - y**2)`` with ``y`` the forward's output."""
-    namespace_of(dy, y, where=where)
-    check_grad_shape(dy, y.shape, where)
-    return dy * (1 - y * y)
+    return _backward("tanh_backward", dy, y, where)

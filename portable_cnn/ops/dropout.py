@@ -13,7 +13,7 @@ same product, ``dx = dy * mask``, since the op is linear in ``x``.
 
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, dispatch
 from ._checks import check_float, namespace_of
 
 __all__ = ["dropout", "dropout_backward", "check_probability"]
@@ -68,17 +68,12 @@ def dropout(x, p, mask_uniform, *, where="dropout"):
         raise TypeError(
             f"{where}: mask_uniform dtype {backend.dtype_name(mask_uniform)} does not match input dtype {backend.dtype_name(x)}"
         )
-    if p == 1.0:
-        # 1 / (1 - p) is infinite: everything is dropped (0 * inf would be NaN).
-        mask = xp.zeros_like(x)
-    else:
-        mask = xp.astype(mask_uniform >= p, x.dtype) * (1.0 / (1.0 - p))
-    return x * mask, mask
+    return dispatch.kernel("dropout_forward", xp, x.dtype)(xp, x, p, mask_uniform)
 
 
 def dropout_backward(dy, mask, *, where="dropout"):
     """Gradient of :func:`dropout`: ``dy * mask`` (``mask`` as the forward returned it)."""
-    namespace_of(dy, mask, where=where)
+    xp = namespace_of(dy, mask, where=where)
     if tuple(dy.shape) != tuple(mask.shape):
         raise ValueError(f"{where}: expected output gradient of shape {tuple(mask.shape)}, got {tuple(dy.shape)}")
-    return dy * mask
+    return dispatch.kernel("dropout_backward", xp, dy.dtype)(xp, dy, mask)

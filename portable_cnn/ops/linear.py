@@ -1,4 +1,4 @@
-"""Fully connected layer and flattening, forward and backward.
+"""Fully connected layer and flattening, forward and backward: validation and dispatch.
 
 ``y = x @ W.T + b`` with ``W`` of shape ``(out, in)`` as in PyTorch; the
 backward is the two transposed GEMMs (docs/derivation.md, section 9)::
@@ -6,15 +6,14 @@ backward is the two transposed GEMMs (docs/derivation.md, section 9)::
     dx = dy @ W        # (N, in)
     dW = dy.T @ x      # (out, in)
     db = sum_n dy      # (out,)
+
+The arithmetic is in ``kernels/reference/linear.py`` and the NumPy kernel.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from .. import backend
-from ._checks import check_float, check_grad_shape, check_ndim, namespace_of
-from ._parallel import batch_parallel
+from .. import dispatch
+from ._checks import check_float, check_grad_shape, check_ndim, check_same_dtype, namespace_of
 
 __all__ = ["linear", "linear_backward", "flatten", "flatten_backward"]
 
@@ -29,13 +28,11 @@ def _check(x, weight, bias, where):
             f"{where}: expected input with {weight.shape[1]} features (weight shape {tuple(weight.shape)}), "
             f"got {x.shape[1]} features (input shape {tuple(x.shape)})"
         )
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{where}: input dtype {backend.dtype_name(x)} does not match weight dtype {backend.dtype_name(weight)}")
+    check_same_dtype(x, weight, where, "input", "weight")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{where}: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias is not None and bias.dtype != weight.dtype:
-        # Else NumPy would promote y to the bias dtype behind the user's back.
-        raise TypeError(f"{where}: bias dtype {backend.dtype_name(bias)} does not match weight dtype {backend.dtype_name(weight)}")
+    if bias is not None:
+        check_same_dtype(bias, weight, where, "bias", "weight")
     return xp
 
 
@@ -57,10 +54,7 @@ def linear(x, weight, bias=None, *, where="linear"):
     array([[ 3.5, 11.5]])
     """
     xp = _check(x, weight, bias, where)
-    if backend.is_numpy(xp):
-        return _linear_numpy(x, weight, bias)
-    y = x @ weight.T  # (N, out)
-    return y if bias is None else y + bias
+    return dispatch.kernel("linear_forward", xp, x.dtype)(xp, x, weight, bias)
 
 
 def linear_backward(dy, x, weight, *, has_bias=True, need_input_grad=True, where="linear"):
@@ -70,52 +64,16 @@ def linear_backward(dy, x, weight, *, has_bias=True, need_input_grad=True, where
     """
     xp = _check(x, weight, None, where)
     namespace_of(dy, x, where=where)
-    if tuple(dy.shape) != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"{where}: expected output gradient of shape {(x.shape[0], weight.shape[0])}, got {tuple(dy.shape)}")
-    if backend.is_numpy(xp):
-        return _linear_backward_numpy(dy, x, weight, has_bias, need_input_grad)
-    dx = dy @ weight if need_input_grad else None  # (N, in)
-    dweight = dy.T @ x  # (out, in)
-    dbias = xp.sum(dy, axis=0) if has_bias else None  # (out,)
-    return dx, dweight, dbias
+    check_grad_shape(dy, (x.shape[0], weight.shape[0]), where)
+    backward = dispatch.kernel("linear_backward", xp, x.dtype)
+    return backward(xp, dy, x, weight, has_bias=has_bias, need_input_grad=need_input_grad)
 
 
-# --- NumPy fast path ------------------------------------------------------
-# The same GEMMs, split over the batch on portable_cnn's own threads with
-# single-threaded BLAS, as the convolutions are (conv.py). Then no GEMM of a
-# training step wakes OpenBLAS's own worker threads, which would spin for
-# ~0.1 s after each call and take a core from the next convolution.
-
-
-def _linear_numpy(x, weight, bias):
-    N, out_features = x.shape[0], weight.shape[0]
-    y = np.empty((N, out_features), dtype=x.dtype)  # (N, out)
-
-    def work(lo, hi, slot):
-        np.matmul(x[lo:hi], weight.T, out=y[lo:hi])
-        if bias is not None:
-            y[lo:hi] += bias
-
-    batch_parallel(work, N, flops=2 * N * out_features * x.shape[1])
-    return y
-
-
-def _linear_backward_numpy(dy, x, weight, has_bias, need_input_grad):
-    N, (out_features, in_features) = x.shape[0], weight.shape
-    dx = np.empty((N, in_features), dtype=dy.dtype) if need_input_grad else None  # (N, in)
-    partial = {}
-
-    def work(lo, hi, slot):
-        if need_input_grad:
-            np.matmul(dy[lo:hi], weight, out=dx[lo:hi])
-        partial[slot] = (dy[lo:hi].T @ x[lo:hi], np.ones(hi - lo, dtype=dy.dtype) @ dy[lo:hi])  # (out, in), (out,)
-
-    batch_parallel(work, N, flops=(4 if need_input_grad else 2) * N * out_features * in_features)
-    dweight, dbias = partial.pop(0)
-    for dw_part, db_part in partial.values():
-        dweight += dw_part
-        dbias += db_part
-    return dx, dweight, dbias if has_bias else None
+def _features(shape) -> int:
+    features = 1
+    for n in shape[1:]:
+        features *= n
+    return features
 
 
 def flatten(x, *, where="flatten"):
@@ -123,17 +81,11 @@ def flatten(x, *, where="flatten"):
     xp = namespace_of(x, where=where)
     if x.ndim < 1:
         raise ValueError(f"{where}: expected an input with a batch axis, got shape {tuple(x.shape)}")
-    features = 1
-    for n in x.shape[1:]:
-        features *= n
-    return xp.reshape(x, (x.shape[0], features))
+    return dispatch.kernel("flatten_forward", xp, x.dtype)(xp, x, _features(x.shape))
 
 
 def flatten_backward(dy, x_shape, *, where="flatten"):
     """Reshape ``dy`` back to the forward's input shape."""
     xp = namespace_of(dy, where=where)
-    features = 1
-    for n in x_shape[1:]:
-        features *= n
-    check_grad_shape(dy, (x_shape[0], features), where)
-    return xp.reshape(dy, tuple(x_shape))
+    check_grad_shape(dy, (x_shape[0], _features(x_shape)), where)
+    return dispatch.kernel("flatten_backward", xp, dy.dtype)(xp, dy, x_shape)

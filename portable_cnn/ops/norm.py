@@ -29,18 +29,10 @@ where the means and sums run over ``(N, H, W)`` per channel. Only ``xhat`` and
 
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, dispatch
 from ._checks import check_float, check_ndim, namespace_of
 
 __all__ = ["batch_norm2d", "batch_norm2d_backward"]
-
-_AXES = (0, 2, 3)  # the reduction axes: everything but the channel
-
-
-def _per_channel(v):
-    """``(C,)`` to ``(1, C, 1, 1)`` so it broadcasts against ``(N, C, H, W)``."""
-    xp = backend.namespace(v)
-    return xp.reshape(v, (1, v.shape[0], 1, 1))  # (1, C, 1, 1)
 
 
 def _check(x, weight, bias, running_mean, running_var, where):
@@ -105,30 +97,12 @@ def batch_norm2d(x, weight, bias, running_mean, running_var, *, training, moment
     """
     xp = _check(x, weight, bias, running_mean, running_var, where)
     N, C, H, W = x.shape
-    M = N * H * W
-    use_batch = training or running_mean is None
-    if use_batch:
-        if M < 2:
-            raise ValueError(
-                f"{where}: expected more than 1 value per channel in training, got input shape {tuple(x.shape)}"
-            )
-        mean = xp.mean(x, axis=_AXES)  # (C,)
-        centred = x - _per_channel(mean)  # (N, C, H, W)
-        var = xp.mean(centred * centred, axis=_AXES)  # (C,) biased
-    else:
-        mean, var = running_mean, running_var
-        centred = x - _per_channel(mean)
-    inv_std = 1.0 / xp.sqrt(var + eps)  # (C,)
-    xhat = centred * _per_channel(inv_std)  # (N, C, H, W)
-    y = xhat
-    if weight is not None:
-        y = y * _per_channel(weight)
-    if bias is not None:
-        y = y + _per_channel(bias)
-    new_mean, new_var = running_mean, running_var
-    if training and running_mean is not None:
-        new_mean = (1.0 - momentum) * running_mean + momentum * mean
-        new_var = (1.0 - momentum) * running_var + momentum * (var * (M / (M - 1)))
+    if (training or running_mean is None) and N * H * W < 2:
+        raise ValueError(f"{where}: expected more than 1 value per channel in training, got input shape {tuple(x.shape)}")
+    forward = dispatch.kernel("batch_norm2d_forward", xp, x.dtype)
+    y, xhat, inv_std, use_batch, new_mean, new_var = forward(
+        xp, x, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps
+    )
     cache = (xhat, inv_std, weight, bias is not None, use_batch, where)
     return y, cache, new_mean, new_var
 
@@ -144,12 +118,5 @@ def batch_norm2d_backward(dy, cache):
     xp = namespace_of(dy, xhat, where=where)
     if tuple(dy.shape) != tuple(xhat.shape):
         raise ValueError(f"{where}: expected output gradient of shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
-    dbias = xp.sum(dy, axis=_AXES) if has_bias else None  # (C,)
-    dweight = xp.sum(dy * xhat, axis=_AXES) if weight is not None else None  # (C,)
-    g = dy if weight is None else dy * _per_channel(weight)  # dL/dxhat, (N, C, H, W)
-    if use_batch:
-        g_mean = xp.mean(g, axis=_AXES)  # (C,)
-        gx_mean = xp.mean(g * xhat, axis=_AXES)  # (C,)
-        g = g - _per_channel(g_mean) - xhat * _per_channel(gx_mean)
-    dx = g * _per_channel(inv_std)
-    return dx, dweight, dbias
+    backward = dispatch.kernel("batch_norm2d_backward", xp, dy.dtype)
+    return backward(xp, dy, xhat, inv_std, weight, has_bias=has_bias, use_batch=use_batch)

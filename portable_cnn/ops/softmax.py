@@ -1,14 +1,16 @@
-"""Softmax, log-softmax and the fused softmax cross-entropy loss.
+"""Softmax, log-softmax and the fused softmax cross-entropy loss: validation and dispatch.
 
 All three subtract the row maximum before ``exp`` so they stay finite for
 logits of any finite magnitude (1e4 in the tests). The fused loss has the
 gradient ``(softmax(z) - onehot(y)) / N`` (docs/derivation.md, section 6).
+The arithmetic is in ``kernels/reference/softmax.py`` (and CuPy's fused
+kernels for the loss).
 """
 
 from __future__ import annotations
 
-from .. import backend
-from . import _cupy
+from .. import backend, dispatch
+from ..kernels.reference import softmax as _reference
 from ._checks import check_float, check_ndim, namespace_of
 
 __all__ = [
@@ -22,10 +24,6 @@ __all__ = [
 ]
 
 
-def _shifted(xp, x, axis):
-    return x - xp.max(x, axis=axis, keepdims=True)
-
-
 def softmax(x, axis=-1, *, where="softmax"):
     """``exp(x) / sum(exp(x))`` along ``axis``.
 
@@ -36,35 +34,32 @@ def softmax(x, axis=-1, *, where="softmax"):
     """
     xp = namespace_of(x, where=where)
     check_float(x, where)
-    e = xp.exp(_shifted(xp, x, axis))
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    return dispatch.kernel("softmax_forward", xp, x.dtype)(xp, x, axis)
 
 
 def softmax_backward(dy, y, axis=-1):
     """``y * (dy - sum(dy * y))`` with ``y`` the forward's output."""
     xp = namespace_of(dy, y, where="softmax")
-    return y * (dy - xp.sum(dy * y, axis=axis, keepdims=True))
+    return dispatch.kernel("softmax_backward", xp, dy.dtype)(xp, dy, y, axis)
 
 
 def log_softmax(x, axis=-1, *, where="log_softmax"):
     """``x - logsumexp(x)`` along ``axis``."""
     xp = namespace_of(x, where=where)
     check_float(x, where)
-    shifted = _shifted(xp, x, axis)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+    return dispatch.kernel("log_softmax_forward", xp, x.dtype)(xp, x, axis)
 
 
 def log_softmax_backward(dy, y, axis=-1):
     """``dy - exp(y) * sum(dy)`` with ``y`` the forward's output (log-probabilities)."""
     xp = namespace_of(dy, y, where="log_softmax")
-    return dy - xp.exp(y) * xp.sum(dy, axis=axis, keepdims=True)
+    return dispatch.kernel("log_softmax_backward", xp, dy.dtype)(xp, dy, y, axis)
 
 
 def one_hot(labels, num_classes, dtype):
     """``(N,)`` integer labels to an ``(N, num_classes)`` array of 0/1 of ``dtype``."""
     xp = namespace_of(labels, where="one_hot")
-    classes = xp.arange(num_classes, device=backend.device(labels))  # (K,)
-    return xp.astype(labels[:, None] == classes[None, :], dtype)  # (N, K)
+    return _reference.one_hot(xp, labels, num_classes, dtype)
 
 
 def _check_loss_args(xp, logits, labels, where, validate):
@@ -110,18 +105,10 @@ def softmax_cross_entropy(logits, labels, *, validate=True, where="softmax_cross
     """
     xp = namespace_of(logits, labels, where=where)
     _check_loss_args(xp, logits, labels, where, validate)
-    if backend.is_cupy(xp) and _cupy.supports(logits.dtype):
-        return _cupy.softmax_cross_entropy(logits, labels)  # one kernel and the mean (the lines below: fifteen)
-    logp = log_softmax(logits, axis=1, where=where)  # (N, K)
-    target = one_hot(labels, logits.shape[1], logits.dtype)  # (N, K)
-    # asarray: NumPy reductions return a scalar, not the 0-d array the other backends give.
-    loss = xp.asarray(-xp.sum(target * logp) / logits.shape[0])
-    return loss, xp.exp(logp)
+    return dispatch.kernel("softmax_cross_entropy_forward", xp, logits.dtype)(xp, logits, labels)
 
 
 def softmax_cross_entropy_backward(probs, labels, dloss=1.0):
     """``dloss * (probs - onehot(labels)) / N``: the gradient with respect to the logits."""
     xp = namespace_of(probs, labels, where="softmax_cross_entropy")
-    if backend.is_cupy(xp) and _cupy.supports(probs.dtype) and isinstance(dloss, (int, float)):
-        return _cupy.softmax_cross_entropy_backward(probs, labels, dloss / probs.shape[0])
-    return (probs - one_hot(labels, probs.shape[1], probs.dtype)) * (dloss / probs.shape[0])
+    return dispatch.kernel("softmax_cross_entropy_backward", xp, probs.dtype)(xp, probs, labels, dloss)

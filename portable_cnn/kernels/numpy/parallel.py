@@ -4,8 +4,9 @@ BLAS runs the GEMMs on every core, but a NumPy copy or ufunc runs on one;
 im2col and padding are pure copies as large as the GEMMs' operands, and the
 activations are one pass each over arrays as large. NumPy releases the GIL
 while it copies or runs a ufunc loop, so a small thread pool working on
-slices of the batch axis uses the other cores. ``PORTABLE_CNN_NUM_THREADS`` sets the pool size
-(default: the cores this process may use; 1 turns it off).
+slices of the batch axis uses the other cores. The ``num_threads`` setting
+(:mod:`portable_cnn.config`, or ``PORTABLE_CNN_NUM_THREADS``) sets the pool
+size (default: the cores this process may use; 1 turns it off).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ...config import set_config, setting
+
 __all__ = ["parallel_copy", "parallel_apply", "batch_parallel", "num_threads", "set_num_threads"]
 
 _MIN_BYTES_PER_THREAD = 1 << 20  # below ~1 MB a copy is over before a thread wakes
@@ -24,24 +27,16 @@ _pool_size = 0
 _blas_controller = None
 
 
-_threads_override: int | None = None
-
-
 def set_num_threads(threads: int | None) -> None:
-    """Use ``threads`` threads for the NumPy fast paths (``None``: back to the default)."""
-    global _threads_override
-    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
-        raise ValueError(f"set_num_threads: expected a positive integer or None, got {threads!r}")
-    _threads_override = None if threads is None else int(threads)
+    """Use ``threads`` threads for the NumPy kernels (``None``: the cores); the same as ``set_config(num_threads=...)``."""
+    set_config(num_threads=threads)
 
 
 def num_threads() -> int:
-    """Threads used by the NumPy fast paths: :func:`set_num_threads`, else the environment, else the cores."""
-    if _threads_override is not None:
-        return _threads_override
-    setting = os.environ.get("PORTABLE_CNN_NUM_THREADS")
-    if setting:
-        return max(1, int(setting))
+    """Threads used by the NumPy kernels: the ``num_threads`` setting, else the cores this process may use."""
+    threads = setting("num_threads")
+    if threads is not None:
+        return threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -1,0 +1,134 @@
+"""2-D convolution by im2col + GEMM in the array API standard: the reference, and the GEMMs the CuPy kernels share.
+
+Column layout ``"reference"``: the im2col matrix is ``(N*P*Q, C*R*S)``, row
+``(n, p, q)`` holding the padded input patch under output ``(p, q)`` ordered
+``(c, r, s)``, like ``weight.reshape(K, C*R*S)``.
+
+Forward (one GEMM)::
+
+    cols = im2col(x)                    # (N*P*Q, C*R*S)
+    y    = cols @ W2.T + bias           # (N*P*Q, K),  W2 = W.reshape(K, C*R*S)
+
+Backward (the two transposed GEMMs of the forward)::
+
+    dY2   = dy as (N*P*Q, K)
+    dW2   = dY2.T @ cols                # (K, C*R*S)
+    db    = sum of dY2 over rows        # (K,)
+    dcols = dY2 @ W2                    # (N*P*Q, C*R*S)
+    dx    = col2im(dcols)               # (N, C, H, W)
+
+col2im of ``dY2 @ W2`` equals the convolution of the stride-dilated, padded
+``dy`` with the kernel rotated by 180 degrees and its channel axes swapped
+(docs/derivation.md, section 5).
+
+A batch whose im2col matrix would exceed ``config workspace_mb`` is
+convolved in slices of the batch: the forward concatenates the slices'
+outputs and keeps no columns, the backward adds the slices' weight and bias
+gradients.
+"""
+
+from __future__ import annotations
+
+from ... import backend
+from ...config import setting
+from ...geometry import ConvColumns
+from .windows import pad2d, scatter_add_taps, tap_slices
+
+__all__ = ["COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "gemm_forward", "gemm_backward"]
+
+COLUMN_LAYOUT = "reference"
+
+
+def im2col(xp, x, g):
+    """Unfold ``x`` ``(N, C, H, W)`` into the ``(N*P*Q, C*R*S)`` rows of the convolution GEMM."""
+    xpad = pad2d(xp, x, g.a, g.b)  # (N, C, H+2a, W+2b)
+    taps = [xpad[index] for index in tap_slices(g)]  # R*S x (N, C, P, Q)
+    cols = xp.stack(taps, axis=-1)  # (N, C, P, Q, R*S)
+    cols = xp.permute_dims(cols, (0, 2, 3, 1, 4))  # (N, P, Q, C, R*S)
+    return xp.reshape(cols, (g.N * g.P * g.Q, g.C * g.R * g.S))
+
+
+def col2im(xp, cols, g):
+    """Fold ``(N*P*Q, C*R*S)`` rows back onto ``(N, C, H, W)``: the adjoint of :func:`im2col`."""
+    cols = xp.reshape(cols, (g.N, g.P, g.Q, g.C, g.R * g.S))  # (N, P, Q, C, R*S)
+    cols = xp.permute_dims(cols, (4, 0, 3, 1, 2))  # (R*S, N, C, P, Q)
+    taps = (cols[k, ...] for k in range(g.R * g.S))
+    return scatter_add_taps(xp, taps, g, dtype=cols.dtype, device=backend.device(cols))  # (N, C, H, W)
+
+
+def column_sums(xp, a):
+    """Sums of the columns of the 2-D ``a``: the bias gradient."""
+    return xp.sum(a, axis=0)
+
+
+def _samples_per_slice(xp, x, g) -> int:
+    itemsize = xp.finfo(x.dtype).bits // 8
+    return g.samples_per_slice(itemsize, setting("workspace_mb") * 2**20)
+
+
+def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout):
+    """The forward GEMM with ``unfold`` as im2col; returns ``(y, ConvColumns or None)``."""
+    n = _samples_per_slice(xp, x, g)
+    if n < g.N:
+        parts = [
+            gemm_forward(xp, x[i : i + n, ...], weight, bias, g.with_batch(min(n, g.N - i)), keep_cols=False,
+                         unfold=unfold, layout=layout)[0]
+            for i in range(0, g.N, n)
+        ]
+        return xp.concat(parts, axis=0), None  # (N, K, P, Q); the backward unfolds its slices again
+    cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
+    w2 = xp.reshape(weight, (g.K, g.C * g.R * g.S))  # (K, C*R*S)
+    y = cols @ w2.T  # (N*P*Q, K)
+    if bias is not None:
+        y = y + bias
+    y = xp.permute_dims(xp.reshape(y, (g.N, g.P, g.Q, g.K)), (0, 3, 1, 2))  # (N, K, P, Q)
+    return y, (ConvColumns(layout, cols) if keep_cols else None)
+
+
+def gemm_backward(xp, dy, x, weight, g, *, cols, has_bias, need_input_grad, unfold, fold, sums):
+    """The two transposed GEMMs; ``cols`` the forward's columns or None; returns ``(dx, dW, db)``."""
+    if cols is None:
+        n = _samples_per_slice(xp, x, g)
+        if n < g.N:
+            return _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums)
+        cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
+    dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
+    w2 = xp.reshape(weight, (g.K, g.C * g.R * g.S))  # (K, C*R*S)
+    dweight = xp.reshape(dy2.T @ cols, g.w_shape)  # (K, C*R*S) -> (K, C, R, S)
+    dbias = sums(xp, dy2) if has_bias else None  # (K,)
+    if not need_input_grad:
+        return None, dweight, dbias
+    dx = fold(xp, dy2 @ w2, g)  # (N*P*Q, C*R*S) -> (N, C, H, W)
+    return dx, dweight, dbias
+
+
+def _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums):
+    """:func:`gemm_backward` over slices of ``n`` samples: input gradients concatenated, the others added."""
+    dx_parts, dweight, dbias = [], None, None
+    for i in range(0, g.N, n):
+        gi = g.with_batch(min(n, g.N - i))
+        dx_i, dw_i, db_i = gemm_backward(xp, dy[i : i + n, ...], x[i : i + n, ...], weight, gi, cols=None,
+                                         has_bias=has_bias, need_input_grad=need_input_grad, unfold=unfold,
+                                         fold=fold, sums=sums)
+        dx_parts.append(dx_i)
+        dweight = dw_i if dweight is None else dweight + dw_i
+        dbias = db_i if dbias is None else dbias + db_i
+    dx = xp.concat(dx_parts, axis=0) if need_input_grad else None  # (N, C, H, W)
+    return dx, dweight, dbias
+
+
+def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
+    """Convolution ``(N, C, H, W) -> (N, K, P, Q)``; returns ``(y, ConvColumns or None)``.
+
+    ``workspace`` (a layer's scratch dict) and ``where`` are part of every
+    convolution kernel's signature; the reference needs neither.
+    """
+    return gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=im2col, layout=COLUMN_LAYOUT)
+
+
+def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
+                    where="conv2d"):
+    """Gradients ``(dx or None, dW, db or None)``; ``saved`` is the forward's :class:`ConvColumns` or None."""
+    cols = saved.cols if saved is not None and saved.layout == COLUMN_LAYOUT else None
+    return gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias, need_input_grad=need_input_grad,
+                         unfold=im2col, fold=col2im, sums=column_sums)
