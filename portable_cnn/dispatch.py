@@ -3,7 +3,7 @@
 A public op (:mod:`portable_cnn.ops`) validates its arguments, builds its
 geometry and asks :func:`kernel` for the implementation registered for
 ``(op, array library, dtype)``. The answer is the backend kernel where one
-is registered (``portable_cnn/kernels/<library>/``, ``KERNELS``) and the
+is registered (the package :data:`portable_cnn.kernels.PACKAGES` names, its ``KERNELS``) and the
 ``fast_paths`` setting is on, else the standard-only reference
 (``portable_cnn/kernels/reference/``), which every op has. Nothing else in
 the package asks which array library it holds; kernels never do.
@@ -27,15 +27,10 @@ import importlib
 
 from . import backend
 from .config import setting
+from .kernels import PACKAGES
 from .kernels.reference import KERNELS as REFERENCE
 
-__all__ = ["REFERENCE", "BACKEND_PACKAGES", "kernel", "backend_kernels", "implementation_name"]
-
-#: library name -> package holding its kernels (libraries not named here run the reference).
-BACKEND_PACKAGES = {
-    "numpy": "portable_cnn.kernels.numpy",
-    "cupy": "portable_cnn.kernels.cupy",
-}
+__all__ = ["REFERENCE", "kernel", "backend_kernels", "implementation_name"]
 
 _tables: dict = {}  # library name -> its KERNELS table
 _chosen: dict = {}  # (op, namespace, dtype, fast_paths) -> implementation
@@ -45,7 +40,7 @@ def backend_kernels(library: str) -> dict:
     """The ``KERNELS`` table of ``library``'s package (``{}`` for a library without one), imported on first use."""
     table = _tables.get(library)
     if table is None:
-        package = BACKEND_PACKAGES.get(library)
+        package = PACKAGES.get(library)
         table = importlib.import_module(package).KERNELS if package is not None else {}
         _tables[library] = table
     return table

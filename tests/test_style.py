@@ -188,3 +188,142 @@ def test_conv_net_runs_end_to_end_on_array_api_strict():
     for name in grads_np:
         assert np.any(grads_strict[name] != 0), name
         np.testing.assert_allclose(grads_strict[name], grads_np[name], **tol("float64"), err_msg=name)
+
+
+# --------------------------------------------------------------------------- one dispatch, no cycles
+
+# Functions that ask which array library an array or namespace belongs to.
+LIBRARY_TESTS = {"is_numpy", "is_cupy", "is_torch", "library_name", "backend_name", "is_numpy_array", "is_cupy_array",
+                 "is_torch_array", "is_numpy_namespace", "is_cupy_namespace", "is_torch_namespace"}
+
+
+def library_tests(source: str) -> set[str]:
+    """Names from :data:`LIBRARY_TESTS` that ``source`` calls, reads as an attribute or imports (``backend.is_cupy(xp)``)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            names = [node.func.id]
+        elif isinstance(node, ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+        else:
+            names = []
+        found.update(name for name in names if name in LIBRARY_TESTS)
+    return found
+
+
+def test_library_test_scanner_finds_calls_and_references():
+    assert library_tests("if backend.is_cupy(xp): pass\nf = B.is_numpy\n") == {"is_cupy", "is_numpy"}
+    assert library_tests("x = is_torch_namespace(xp)\nfrom .backend import library_name\n") == {"is_torch_namespace", "library_name"}
+    assert library_tests("def f(backend_name): return backend_name\n") == set()
+
+
+def _in_kernels(path: Path) -> bool:
+    return _relative(path).startswith("portable_cnn/kernels/")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_relative)
+def test_only_backend_kernels_and_the_dispatch_ask_which_library(path):
+    """Nothing outside backend.py and kernels/ tests the array library, but the dispatch's one question."""
+    relative = _relative(path)
+    found = library_tests(path.read_text())
+    if relative == "portable_cnn/backend.py" or _in_kernels(path):
+        return
+    if relative == "portable_cnn/dispatch.py":
+        assert found == {"library_name"}, f"the dispatch asks only backend.library_name, found {sorted(found)}"
+        return
+    assert not found, f"{relative} tests the array library ({sorted(found)}): ask portable_cnn.dispatch for a kernel"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_relative)
+def test_the_cupy_kernels_are_named_only_in_kernels(path):
+    source = path.read_text()
+    if _in_kernels(path):
+        return
+    assert "kernels.cupy" not in source and "kernels import cupy" not in source, (
+        f"{_relative(path)} refers to the CuPy kernels; only the dispatch (through kernels.PACKAGES) reaches them"
+    )
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in SOURCES}
+
+
+def import_edges(module: str, source: str, is_package: bool, known: set[str]) -> set[str]:
+    """Modules of ``known`` that ``module`` imports anywhere in ``source`` (function level too).
+
+    ``from X import name`` counts as importing ``X.name`` where that is a
+    module, else ``X``. A module's own parent packages are left out: Python
+    imports them first, and they may import the module back.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            targets = [name for name in _imported(node)]
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module and not module.startswith(target + "."):
+                edges.add(target)
+    return edges
+
+
+def _cycle(graph: dict) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> imported modules), or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_cycle_finder_finds_a_function_level_cycle():
+    known = {"pkg", "pkg.a", "pkg.b"}
+    graph = {
+        "pkg.a": import_edges("pkg.a", "from . import b\n", False, known),
+        "pkg.b": import_edges("pkg.b", "def f():\n    from .a import thing\n", False, known),
+    }
+    assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}
+    assert _cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+    assert _cycle({"pkg.a": {"pkg.b"}, "pkg.b": set()}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    """No module imports, at any level, a module that imports it back (directly or through others)."""
+    known = set(MODULES)
+    graph = {name: import_edges(name, path.read_text(), path.name == "__init__.py", known) for name, path in MODULES.items()}
+    assert graph["portable_cnn.ops.conv"] >= {"portable_cnn.dispatch", "portable_cnn.geometry"}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

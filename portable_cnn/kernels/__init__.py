@@ -16,3 +16,12 @@ any, implementation)``; an implementation takes the same arguments as the
 reference function of that op. Kernels never test which library they were
 handed: the dispatch only hands them their own. See docs/architecture.md.
 """
+
+__all__ = ["PACKAGES"]
+
+#: library name (:func:`portable_cnn.backend.library_name`) -> the package of its kernels;
+#: a library not named here runs the reference.
+PACKAGES = {
+    "numpy": "portable_cnn.kernels.numpy",
+    "cupy": "portable_cnn.kernels.cupy",
+}
