@@ -6,15 +6,19 @@ For each convolution of lenet and vgg-small at batch 256 (float32, TF32 off,
 activations channels-last as they flow through the networks) it times, with
 CUDA events, the median and min-max of 20 calls after 3 warm-ups:
 
-    im2col          the kernel, x -> cols (N*P*Q, C*R*S)
+    im2col          the kernel (kernels/cupy/conv.py), x -> cols (N*P*Q, C*R*S)
     fwd GEMM        cols @ w2.T
     dW GEMM         dy2.T @ cols
-    db sum          xp.sum(dy2, axis=0), CuPy's reduction over the rows
-    db GEMV         ones @ dy2, what conv2d_backward uses on CuPy
+    db sum          the reference's column sums, xp.sum(dy2, axis=0): CuPy's reduction over the rows
+    db GEMV         the CuPy kernel's column sums, ones @ dy2: what conv2d_backward uses on CuPy
     dcols GEMM      dy2 @ w2
     col2im          the gather kernel, dcols -> dx
-    conv2d          the whole forward (return_cols)
-    backward        the whole conv2d_backward (cols given; dx too)
+    conv2d          the whole forward through ops.conv2d (return_cols; validation and dispatch included)
+    backward        the whole ops.conv2d_backward (the forward's columns given; dx too)
+
+The parts are the kernel functions called with a ConvGeometry, as the
+dispatch calls them; the whole ops are checked to dispatch to the CuPy
+kernels, and the kernels' results against the reference's.
 
 benchmarks/gpu_check.sh runs it; the figures are in docs/benchmarks.md.
 """
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from portable_cnn import backend
-from portable_cnn.ops import conv
+from portable_cnn import backend, dispatch, ops
+from portable_cnn.geometry import ConvGeometry
+from portable_cnn.kernels.cupy import conv as cupy_conv
+from portable_cnn.kernels.reference import conv as reference_conv
 
 # (net, layer, C, K, kernel, padding, H = W of the input)
 LAYERS = [
@@ -66,31 +72,39 @@ def main() -> None:
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     print(f"conv parts, float32, batch {BATCH}, TF32 off, channels-last activations, "
           f"{name.decode() if isinstance(name, bytes) else name}; ms, median (min-max) of 20 calls")
+    float32 = np.dtype(np.float32)
+    for op in ("conv2d_forward", "conv2d_backward"):  # the whole ops' times are the CuPy kernels'
+        assert dispatch.kernel(op, xp, float32) is getattr(cupy_conv, op), dispatch.implementation_name(op, xp, float32)
     for net, layer, C, K, RS, pad, H in LAYERS:
-        P = H + 2 * pad - RS + 1
         x = _channels_last(cupy, cupy.asarray(rng.standard_normal((BATCH, C, H, H), dtype=np.float32)))
         w = cupy.asarray(rng.standard_normal((K, C, RS, RS), dtype=np.float32))
         b = cupy.asarray(rng.standard_normal(K, dtype=np.float32))
-        dy = _channels_last(cupy, cupy.asarray(rng.standard_normal((BATCH, K, P, P), dtype=np.float32)))
+        g = ConvGeometry.of(x.shape, w.shape, stride=1, padding=pad, dilation=1)
+        P = g.P  # = Q: square inputs and kernels
+        dy = _channels_last(cupy, cupy.asarray(rng.standard_normal(g.y_shape, dtype=np.float32)))
         opts = {"stride": 1, "padding": pad}
-        cols = conv.im2col(x, RS, **opts)  # (N*P*Q, C*R*S)
+        cols = cupy_conv.im2col(xp, x, g)  # (N*P*Q, C*R*S)
         w2 = w.reshape(K, C * RS * RS)  # (K, C*R*S)
         dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (BATCH * P * P, K))  # (N*P*Q, K), a view here
-        dcols = dy2 @ w2
-        ones = xp.ones_like(dy2[:, 0])
+        dcols = dy2 @ w2  # (N*P*Q, C*R*S)
+        _, saved = ops.conv2d(x, w, b, return_cols=True, **opts)
         parts = {
-            "im2col": lambda: conv.im2col(x, RS, **opts),
+            "im2col": lambda: cupy_conv.im2col(xp, x, g),
             "fwd GEMM": lambda: cols @ w2.T,
             "dW GEMM": lambda: dy2.T @ cols,
-            "db sum": lambda: xp.sum(dy2, axis=0),
-            "db GEMV": lambda: ones @ dy2,
+            "db sum": lambda: reference_conv.column_sums(xp, dy2),
+            "db GEMV": lambda: cupy_conv.column_sums(xp, dy2),
             "dcols GEMM": lambda: dy2 @ w2,
-            "col2im": lambda: conv.col2im(dcols, x.shape, RS, **opts),
-            "conv2d": lambda: conv.conv2d(x, w, b, return_cols=True, **opts),
-            "backward": lambda: conv.conv2d_backward(dy, x, w, cols=cols, **opts),
+            "col2im": lambda: cupy_conv.col2im(xp, dcols, g),
+            "conv2d": lambda: ops.conv2d(x, w, b, return_cols=True, **opts),
+            "backward": lambda: ops.conv2d_backward(dy, x, w, cols=saved, **opts),
         }
         timed = {part: _time(cupy, fn) for part, fn in parts.items()}
-        np.testing.assert_allclose(cupy.asnumpy(ones @ dy2), cupy.asnumpy(xp.sum(dy2, axis=0)), rtol=1e-4, atol=1e-2)
+        np.testing.assert_array_equal(cupy.asnumpy(cols), cupy.asnumpy(reference_conv.im2col(xp, x, g)))
+        np.testing.assert_allclose(cupy.asnumpy(cupy_conv.col2im(xp, dcols, g)),
+                                   cupy.asnumpy(reference_conv.col2im(xp, dcols, g)), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(cupy.asnumpy(cupy_conv.column_sums(xp, dy2)),
+                                   cupy.asnumpy(reference_conv.column_sums(xp, dy2)), rtol=1e-4, atol=1e-2)
         print(f"\n{net} {layer}: N*P*Q = {BATCH * P * P}, C*R*S = {C * RS * RS}, K = {K}")
         for part, (median, low, high) in timed.items():
             print(f"  {part:<11} {median:8.3f} ({low:.3f}-{high:.3f})")

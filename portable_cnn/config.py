@@ -34,6 +34,8 @@ import numbers
 import os
 from contextlib import contextmanager
 
+from . import backend
+
 __all__ = ["ConfigError", "get_config", "setting", "set_config", "config_context", "ENVIRONMENT"]
 
 
@@ -122,9 +124,13 @@ def get_config() -> dict:
     """A copy of the current settings (see the module docstring).
 
     Raises :class:`ConfigError` naming the environment variable when one
-    that is read here holds a bad value.
+    that is read here holds a bad value. ``tf32`` is read from CuPy's own
+    switch (:func:`portable_cnn.backend.tf32_enabled`), so it is right even
+    after a direct call of :func:`portable_cnn.backend.set_tf32`.
     """
-    return dict(_current())
+    config = dict(_current())
+    config["tf32"] = backend.tf32_enabled()
+    return config
 
 
 def setting(name: str):
@@ -143,10 +149,8 @@ def set_config(*, fast_paths=None, workspace_mb=None, num_threads=..., tf32=None
     new = {k: _CHECKS[k](v, f"set_config: {k}") for k, v in given.items() if v is not None}
     if num_threads is not ...:
         new["num_threads"] = _check_threads(num_threads, "set_config: num_threads")
-    if "tf32" in new and new["tf32"] != current["tf32"]:
-        from . import backend
-
-        backend.set_tf32(new["tf32"])
+    if "tf32" in new:
+        backend.set_tf32(new["tf32"])  # CuPy's switch is the state; see get_config
     current.update(new)
 
 

@@ -30,7 +30,7 @@ from .config import setting
 from .kernels import PACKAGES
 from .kernels.reference import KERNELS as REFERENCE
 
-__all__ = ["REFERENCE", "kernel", "backend_kernels", "implementation_name"]
+__all__ = ["REFERENCE", "kernel", "backend_kernels", "implementation_name", "clear_cache"]
 
 _tables: dict = {}  # library name -> its KERNELS table
 _chosen: dict = {}  # (op, namespace, dtype, fast_paths) -> implementation
@@ -81,3 +81,8 @@ def implementation_name(op: str, xp, dtype) -> str:
     """``"module.function"`` of what :func:`kernel` picks: for reports and tests."""
     chosen = kernel(op, xp, dtype)
     return f"{chosen.__module__}.{chosen.__qualname__}"
+
+
+def clear_cache() -> None:
+    """Forget the choices :func:`kernel` has made (after a ``KERNELS`` table was changed, e.g. by a test)."""
+    _chosen.clear()

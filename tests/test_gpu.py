@@ -1,15 +1,24 @@
-"""GPU tests: the CuPy kernels against the standard path, CuPy against NumPy, training that stays on the device.
+"""GPU tests: the CuPy kernels against the reference path, CuPy against NumPy, training that stays on the device.
 
 Every test here is marked ``gpu`` and skipped, with the reason, where CuPy
 cannot run (:func:`portable_cnn.backend.cupy_status`). On a GPU machine run
 them with ``pytest -m gpu`` (``benchmarks/gpu_check.sh`` does that and the
 rest of the GPU checks).
 
-What they prove:
+"The reference path" is what ``config_context(fast_paths=False)`` runs: the
+standard-only kernels of ``portable_cnn/kernels/reference/`` on the same CuPy
+arrays. What the tests prove:
 
-* each CuPy kernel of ``portable_cnn/ops/_cupy.py`` (im2col, col2im, max and
-  average pooling forward and backward) gives what the standard (array API)
-  path gives on the same CuPy arrays, whatever the memory layout of its input;
+* the dispatch hands CuPy arrays of float32 and float64 to the kernels of
+  ``portable_cnn/kernels/cupy/`` and everything else (float16, or
+  ``fast_paths=False``) to the reference;
+* each CuPy kernel (im2col, col2im, max and average pooling forward and
+  backward, ReLU, the softmax cross-entropy, the SGD update, the convolution
+  with its GEMV bias gradient) gives what the reference gives on the same
+  CuPy arrays, whatever the memory layout of its input, NaN and -0.0 included;
+* under ``fast_paths=False`` every op, and two lenet and vgg-small training
+  steps, give the fast paths' numbers in float64 (relative difference at
+  most 1e-12);
 * forward and every gradient of every op, and of ``lenet`` and ``vgg_small``,
   agree between CuPy and NumPy: float64 to the tight tolerance, float32 to the
   float32 row of ``tests/conftest.py``'s table (TF32 off);
@@ -33,13 +42,22 @@ import pytest
 from conftest import tol
 
 from portable_cnn import backend as B
-from portable_cnn import checkpoint, data, models, nn, ops, optim, train
-from portable_cnn.ops import _cupy, conv
+from portable_cnn import checkpoint, data, dispatch, models, nn, ops, optim, train
+from portable_cnn.config import config_context, get_config, set_config
+from portable_cnn.geometry import ConvGeometry
+from portable_cnn.kernels import cupy as cupy_kernels
+from portable_cnn.kernels.cupy import compile as cupy_compile
+from portable_cnn.kernels.cupy import conv as cupy_conv
+from portable_cnn.kernels.reference import KERNELS as REFERENCE
+from portable_cnn.kernels.reference import conv as reference_conv
+from portable_cnn.kernels.reference import optim as reference_optim
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = ["float64", "float32"]
 LAYOUTS = ["contiguous", "channels_last"]
+# Reference path against fast paths, float64: max |a - b| / max |b| per array.
+SAME_NUMBERS_RTOL = 1e-12
 
 # (N, C, K, H, W, R, S, u, v, a, b, dh, dw)
 CONV_CASES = [
@@ -77,7 +95,8 @@ def cp():
         pytest.skip(f"CuPy backend unavailable: {why}")
     import cupy
 
-    B.set_tf32(False)
+    set_config(tf32=False)  # the setting, which config_context(tf32=...) compares against
+    B.set_tf32(False)  # and CuPy itself, whatever CUPY_TF32 said when the setting was read
     return cupy
 
 
@@ -96,36 +115,72 @@ def channels_last(cp, a):
     return cp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
 
-def standard_path():
-    """Run the ops' standard (array API) path on CuPy arrays: the fast paths are told the arrays are not CuPy's.
+@contextlib.contextmanager
+def cupy_kernel_spies(*op_names, side_effect=None):
+    """Mocks that call through to the CuPy kernels of ``op_names`` (or raise ``side_effect``); yields ``{op: mock}``.
 
-    Make the arrays before entering: :func:`portable_cnn.backend.asarray` asks ``is_cupy`` too.
+    The dispatch hands out the functions that ``portable_cnn.kernels.cupy.KERNELS``
+    holds, so the mocks go into that table, and the dispatch's cache of
+    earlier choices is emptied for the block; both are restored after it.
     """
-    return mock.patch.object(B, "is_cupy", return_value=False)
+    table = cupy_kernels.KERNELS
+    spies = {op: mock.Mock(wraps=table[op][1], side_effect=side_effect) for op in op_names}
+    with mock.patch.dict(table, {op: (table[op][0], spy) for op, spy in spies.items()}), \
+            mock.patch.dict(dispatch._chosen, clear=True):
+        yield spies
 
 
 def assert_close(got, expected, dtype, name=""):
     np.testing.assert_allclose(host(got), host(expected), err_msg=name, **tol(dtype))
 
 
-# --------------------------------------------------------------------------- the kernels against the standard path
+def assert_same_numbers(got, expected, name=""):
+    """``max |got - expected| <= SAME_NUMBERS_RTOL * max |expected|``, one bound per array; integers exactly."""
+    a, b = host(got), host(expected)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    if b.dtype.kind != "f":
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        return
+    difference, scale = float(np.max(np.abs(a - b), initial=0.0)), float(np.max(np.abs(b), initial=0.0))
+    assert difference <= SAME_NUMBERS_RTOL * scale, (
+        f"{name}: max |fast - reference| = {difference:.3e}, max |reference| = {scale:.3e}, "
+        f"relative {difference / scale if scale else float('inf'):.3e} > {SAME_NUMBERS_RTOL:g}"
+    )
+
+
+# --------------------------------------------------------------------------- the dispatch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dispatch_picks_the_cupy_kernels_and_the_reference_when_told(cp, xpc, dtype):
+    """CuPy float32 and float64 arrays go to the kernels of ``kernels/cupy``; fast_paths=False to the reference."""
+    assert set(cupy_kernels.KERNELS) <= set(REFERENCE)
+    for op, (dtypes, kernel) in cupy_kernels.KERNELS.items():
+        assert dtype in dtypes, op
+        assert dispatch.kernel(op, xpc, np.dtype(dtype)) is kernel, op
+        with config_context(fast_paths=False):
+            assert dispatch.kernel(op, xpc, np.dtype(dtype)) is REFERENCE[op], op
+        assert dispatch.kernel(op, xpc, np.dtype(dtype)) is kernel, f"{op}: the setting was not restored"
+
+
+# --------------------------------------------------------------------------- the kernels against the reference path
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
-def test_im2col_kernel_matches_standard_path(cp, xpc, case, dtype, layout):
-    """im2col is a copy: the kernel's (N*P*Q, C*R*S) matrix equals the standard path's exactly."""
+def test_im2col_kernel_matches_reference_path(cp, xpc, case, dtype, layout):
+    """im2col is a copy: the kernel's (N*P*Q, C*R*S) matrix equals the reference path's exactly."""
     N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
     opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
     x_np = np.random.default_rng(0).standard_normal((N, C, H, W)).astype(dtype)
     x = B.asarray(x_np, xpc)
     if layout == "channels_last":
         x = channels_last(cp, x)
-    with mock.patch.object(_cupy, "im2col", wraps=_cupy.im2col) as fast:
+    with cupy_kernel_spies("im2col") as spies:
         got = ops.im2col(x, (R, S), **opts)
-    assert fast.call_count == 1, "the CuPy kernel was not used"
-    with standard_path():
+    assert spies["im2col"].call_count == 1, "the CuPy kernel was not used"
+    with config_context(fast_paths=False):
         expected = ops.im2col(x, (R, S), **opts)
     assert B.backend_name(got) == "cupy" and B.dtype_name(got) == dtype
     assert B.device(got) == B.device(x)
@@ -135,18 +190,18 @@ def test_im2col_kernel_matches_standard_path(cp, xpc, case, dtype, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
-def test_col2im_gather_matches_standard_path_and_is_deterministic(cp, xpc, case, dtype):
-    """col2im as a gather (no atomics) equals the standard scatter-add, and twice the same call gives the same bits."""
+def test_col2im_gather_matches_reference_path_and_is_deterministic(cp, xpc, case, dtype):
+    """col2im as a gather (no atomics) equals the reference scatter-add, and twice the same call gives the same bits."""
     N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
     opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
     P, Q = ops.out_size(H, R, u, a, dh), ops.out_size(W, S, v, b, dw)
     cols_np = np.random.default_rng(1).standard_normal((N * P * Q, C * R * S)).astype(dtype)
     cols = B.asarray(cols_np, xpc)
-    with mock.patch.object(_cupy, "col2im", wraps=_cupy.col2im) as fast:
+    with cupy_kernel_spies("col2im") as spies:
         got = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
         again = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
-    assert fast.call_count == 2, "the CuPy kernel was not used"
-    with standard_path():
+    assert spies["col2im"].call_count == 2, "the CuPy kernel was not used"
+    with config_context(fast_paths=False):
         expected = ops.col2im(cols, (N, C, H, W), (R, S), **opts)
     assert tuple(got.shape) == (N, C, H, W) and B.dtype_name(got) == dtype
     np.testing.assert_array_equal(host(got), host(again))
@@ -158,21 +213,25 @@ def test_col2im_gather_matches_standard_path_and_is_deterministic(cp, xpc, case,
 def test_col2im_kernel_is_the_adjoint_of_im2col_kernel(cp, xpc, case):
     """<im2col(x), c> = <x, col2im(c)> in float64: the pair of kernels are transposes of each other."""
     N, C, _, H, W, R, S, u, v, a, b, dh, dw = case
-    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
+    g = ConvGeometry.of((N, C, H, W), (1, C, R, S), (u, v), (a, b), (dh, dw))
     rng = np.random.default_rng(2)
     x = B.asarray(rng.standard_normal((N, C, H, W)), xpc)
-    cols = ops.im2col(x, (R, S), **opts)
-    c = B.asarray(rng.standard_normal(tuple(cols.shape)), xpc)
+    cols = cupy_conv.im2col(xpc, x, g)  # (N*P*Q, C*R*S)
+    assert tuple(cols.shape) == g.cols_shape
+    c = B.asarray(rng.standard_normal(g.cols_shape), xpc)
     lhs = float(host(xpc.sum(cols * c)))
-    rhs = float(host(xpc.sum(x * ops.col2im(c, (N, C, H, W), (R, S), **opts))))
+    rhs = float(host(xpc.sum(x * cupy_conv.col2im(xpc, c, g))))
     assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+
+
+POOL_OPS = ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
-def test_pool_kernels_match_standard_path(cp, xpc, case, dtype, layout):
-    """Max and average pooling, forward and backward: the kernels against the standard path and NumPy.
+def test_pool_kernels_match_reference_path(cp, xpc, case, dtype, layout):
+    """Max and average pooling, forward and backward: the kernels against the reference path and NumPy.
 
     The input has ties (rounded values), so the first-maximum rule is tested too.
     """
@@ -185,24 +244,22 @@ def test_pool_kernels_match_standard_path(cp, xpc, case, dtype, layout):
     x, dy = B.asarray(x_np, xpc), B.asarray(dy_np, xpc)
     if layout == "channels_last":
         x, dy = channels_last(cp, x), channels_last(cp, dy)
-    names = ("max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
-    with contextlib.ExitStack() as stack:
-        fast = {n: stack.enter_context(mock.patch.object(_cupy, n, wraps=getattr(_cupy, n))) for n in names}
+    with cupy_kernel_spies(*POOL_OPS) as spies:
         y, argmax = ops.max_pool2d(x, *args)
         dx = ops.max_pool2d_backward(dy, argmax, x.shape, *args)
         avg = ops.avg_pool2d(x, *args)
         davg = ops.avg_pool2d_backward(dy, x.shape, *args)
-    assert all(fast[n].call_count == 1 for n in names), {n: fast[n].call_count for n in names}
-    with standard_path():
-        y_std, argmax_std = ops.max_pool2d(x, *args)
-        dx_std = ops.max_pool2d_backward(dy, argmax_std, x.shape, *args)
-        avg_std = ops.avg_pool2d(x, *args)
-        davg_std = ops.avg_pool2d_backward(dy, x.shape, *args)
-    np.testing.assert_array_equal(host(y), host(y_std))
-    np.testing.assert_array_equal(host(argmax), host(argmax_std))
-    assert_close(dx, dx_std, dtype, "max_pool2d_backward")
-    assert_close(avg, avg_std, dtype, "avg_pool2d")
-    assert_close(davg, davg_std, dtype, "avg_pool2d_backward")
+    assert all(spies[op].call_count == 1 for op in POOL_OPS), {op: spies[op].call_count for op in POOL_OPS}
+    with config_context(fast_paths=False):
+        y_ref, argmax_ref = ops.max_pool2d(x, *args)
+        dx_ref = ops.max_pool2d_backward(dy, argmax_ref, x.shape, *args)
+        avg_ref = ops.avg_pool2d(x, *args)
+        davg_ref = ops.avg_pool2d_backward(dy, x.shape, *args)
+    np.testing.assert_array_equal(host(y), host(y_ref))
+    np.testing.assert_array_equal(host(argmax), host(argmax_ref))
+    assert_close(dx, dx_ref, dtype, "max_pool2d_backward")
+    assert_close(avg, avg_ref, dtype, "avg_pool2d")
+    assert_close(davg, davg_ref, dtype, "avg_pool2d_backward")
     y_np, argmax_np = ops.max_pool2d(x_np, *args)
     np.testing.assert_array_equal(host(y), y_np)
     np.testing.assert_array_equal(host(argmax), argmax_np)
@@ -214,68 +271,72 @@ def test_pool_kernels_match_standard_path(cp, xpc, case, dtype, layout):
         assert B.backend_name(out) == "cupy" and B.dtype_name(out) == dtype and B.device(out) == B.device(x)
 
 
-def test_max_pool_kernel_propagates_nan_like_the_standard_path(cp, xpc):
-    """A NaN in a window wins (the first one), as max/argmax of the standard path decide."""
+def test_max_pool_kernel_propagates_nan_like_the_reference_path(cp, xpc):
+    """A NaN in a window wins (the first one), as max/argmax of the reference path decide."""
     x_np = np.arange(32, dtype=np.float32).reshape(1, 2, 4, 4)
     x_np[0, 0, 1, 0] = np.nan
     x_np[0, 1, 2, 3] = np.nan
     x = B.asarray(x_np, xpc)
-    y, argmax = ops.max_pool2d(x, 2)
-    with standard_path():
-        y_std, argmax_std = ops.max_pool2d(x, 2)
-    np.testing.assert_array_equal(host(y), host(y_std))  # NaN == NaN for assert_array_equal
-    np.testing.assert_array_equal(host(argmax), host(argmax_std))
+    with cupy_kernel_spies("max_pool2d_forward") as spies:
+        y, argmax = ops.max_pool2d(x, 2)
+    assert spies["max_pool2d_forward"].call_count == 1
+    with config_context(fast_paths=False):
+        y_ref, argmax_ref = ops.max_pool2d(x, 2)
+    np.testing.assert_array_equal(host(y), host(y_ref))  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(host(argmax), host(argmax_ref))
 
 
-def test_dtypes_without_a_kernel_take_the_standard_path(cp, xpc):
-    """float16 has no kernel here: the ops fall back to the standard path instead of failing."""
+def test_dtypes_without_a_kernel_take_the_reference_path(cp, xpc):
+    """float16 has no kernel here: the dispatch picks the reference, and the ops run it instead of failing."""
     x = B.asarray(np.random.default_rng(4).standard_normal((2, 3, 6, 6)), xpc, dtype="float16")
-    with mock.patch.object(_cupy, "max_pool2d", side_effect=AssertionError("kernel called for float16")), \
-            mock.patch.object(_cupy, "im2col", side_effect=AssertionError("kernel called for float16")):
+    for op in cupy_kernels.KERNELS:
+        assert dispatch.kernel(op, xpc, x.dtype) is REFERENCE[op], op
+    with cupy_kernel_spies(*cupy_kernels.KERNELS, side_effect=AssertionError("a CuPy kernel called for float16")):
         y, _ = ops.max_pool2d(x, 2)
         cols = ops.im2col(x, 3, padding=1)
     assert B.dtype_name(y) == "float16" and tuple(cols.shape) == (2 * 36, 27)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu_kernels_match_standard_path_including_nan_and_layout(cp, xpc, dtype):
-    """The one-kernel ReLU and its backward equal the standard path bit for bit (NaN and -0.0 give 0, as
+def test_relu_kernels_match_reference_path_including_nan_and_layout(cp, xpc, dtype):
+    """The one-kernel ReLU and its backward equal the reference path bit for bit (NaN and -0.0 give 0, as
     ``where`` gives) and keep a channels-last input's memory layout."""
     rng = np.random.default_rng(19)
     x_np = rng.standard_normal((2, 3, 4, 5))
     x_np[0, 0, 0, :3] = [np.nan, -0.0, 0.0]
     x = channels_last(cp, B.asarray(x_np, xpc, dtype=dtype))
     dy = channels_last(cp, B.asarray(rng.standard_normal((2, 3, 4, 5)), xpc, dtype=dtype))
-    with mock.patch.object(_cupy, "relu", wraps=_cupy.relu) as fwd, \
-            mock.patch.object(_cupy, "relu_backward", wraps=_cupy.relu_backward) as bwd:
+    with cupy_kernel_spies("relu_forward", "relu_backward") as spies:
         y, dx = ops.relu(x), ops.relu_backward(dy, x)
-    assert fwd.call_count == 1 and bwd.call_count == 1
-    with standard_path():
-        y_std, dx_std = ops.relu(x), ops.relu_backward(dy, x)
-    np.testing.assert_array_equal(host(y), host(y_std))
-    np.testing.assert_array_equal(host(dx), host(dx_std))
+    assert spies["relu_forward"].call_count == 1 and spies["relu_backward"].call_count == 1
+    with config_context(fast_paths=False):
+        y_ref, dx_ref = ops.relu(x), ops.relu_backward(dy, x)
+    np.testing.assert_array_equal(host(y), host(y_ref))
+    np.testing.assert_array_equal(host(dx), host(dx_ref))
     assert not np.signbit(host(y)[0, 0, 0, 1]) and host(y)[0, 0, 0, 0] == 0
-    assert _cupy._channels_last(y) and _cupy._channels_last(dx)
+    assert cupy_compile.channels_last(y) and cupy_compile.channels_last(dx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy_kernels_match_standard_path(cp, xpc, dtype):
-    """The one-kernel softmax cross-entropy and its backward against the standard path: strided logits, int32
+def test_cross_entropy_kernels_match_reference_path(cp, xpc, dtype):
+    """The one-kernel softmax cross-entropy and its backward against the reference path: strided logits, int32
     labels, a label outside [0, K) with validation off (a zero row, as the one-hot gives) and large logits."""
     rng = np.random.default_rng(20)
     logits_np = rng.standard_normal((10, 7)) * 3
     logits_np[2] += 80.0  # exp would overflow without the shift by the maximum
     logits = B.asarray(logits_np.T.copy(), xpc, dtype=dtype).T  # (7, 10) memory, an (N, K) = (10, 7) view
     labels = B.asarray(np.array([0, 6, 3, 3, 1, 7, 2, 5, 4, 0], dtype=np.int32), xpc)  # 7 is out of range
-    with mock.patch.object(_cupy, "softmax_cross_entropy", wraps=_cupy.softmax_cross_entropy) as fwd:
+    ops_used = ("softmax_cross_entropy_forward", "softmax_cross_entropy_backward")
+    with cupy_kernel_spies(*ops_used) as spies:
         loss, probs = ops.softmax_cross_entropy(logits, labels, validate=False)
         dlogits = ops.softmax_cross_entropy_backward(probs, labels, 0.5)
-    assert fwd.call_count == 1
-    with standard_path():
-        loss_std, probs_std = ops.softmax_cross_entropy(logits, labels, validate=False)
-        dlogits_std = ops.softmax_cross_entropy_backward(probs_std, labels, 0.5)
+    assert all(spies[op].call_count == 1 for op in ops_used), {op: spies[op].call_count for op in ops_used}
+    with config_context(fast_paths=False):
+        loss_ref, probs_ref = ops.softmax_cross_entropy(logits, labels, validate=False)
+        dlogits_ref = ops.softmax_cross_entropy_backward(probs_ref, labels, 0.5)
     assert tuple(loss.shape) == () and tuple(probs.shape) == (10, 7)
-    for name, got, expected in (("loss", loss, loss_std), ("probs", probs, probs_std), ("dlogits", dlogits, dlogits_std)):
+    for name, got, expected in (("loss", loss, loss_ref), ("probs", probs, probs_ref),
+                                ("dlogits", dlogits, dlogits_ref)):
         assert np.all(np.isfinite(host(got))), name
         assert_close(got, expected, dtype, name)
     np.testing.assert_array_equal(host(dlogits)[5], host(probs)[5] * 0.05)  # the out-of-range label: no one-hot
@@ -291,41 +352,46 @@ SGD_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", SGD_CASES, ids=lambda c: "_".join(f"{k}{v}" for k, v in c.items()))
-def test_sgd_kernel_matches_standard_path_and_numpy(cp, xpc, config, dtype):
-    """Four SGD steps of lenet's parameters: the one-kernel CuPy update gives the standard path's parameters and
+def test_sgd_kernel_matches_reference_path_and_numpy(cp, xpc, config, dtype):
+    """Four SGD steps of lenet's parameters: the one-kernel CuPy update gives the reference path's parameters and
     momentum buffers on CuPy, and NumPy's; the kernel really ran for every step after the first."""
     rng = np.random.default_rng(18)
     grads = [{name: rng.standard_normal(tuple(layer.params[key].shape)) for name, layer, key in
               models.lenet(rng=0).named_parameters()} for _ in range(4)]
 
-    def run(backend_name, standard=False):
+    def run(backend_name, reference=False):
         model = models.lenet(rng=0).to(backend_name, dtype)
         opt = optim.SGD(model, lr=0.1, **config)
         xp = B.get_namespace(backend_name)
         on_device = [{name: B.asarray(g, xp, dtype=dtype) for name, g in step.items()} for step in grads]
-        with standard_path() if standard else contextlib.nullcontext():  # arrays made before: asarray asks too
+        with config_context(fast_paths=False) if reference else contextlib.nullcontext():
             for step in on_device:
                 for name, layer, key in model.named_parameters():
                     layer.grads[key] = step[name]
                 opt.step()
         return model.state_dict(), {k: v for k, v in opt.state_dict().items() if k != "step"}
 
-    with mock.patch.object(_cupy, "sgd_momentum_step", wraps=_cupy.sgd_momentum_step) as kernel:
+    # The CuPy sgd_step hands a step without a momentum buffer (the first) to the
+    # reference and does every later one in its own kernel.
+    with cupy_kernel_spies("sgd_step") as spies, \
+            mock.patch.object(reference_optim, "sgd_step", wraps=reference_optim.sgd_step) as handed_on:
         fast = run("cupy")
-    assert kernel.call_count == 3 * len(grads[0]), kernel.call_count  # steps 2-4, every parameter
-    standard, reference = run("cupy", standard=True), run("numpy")
-    for part, (got, std, ref) in enumerate(zip(fast, standard, reference)):
-        assert set(got) == set(ref) and got, part
-        for name in ref:
+    parameters = len(grads[0])
+    assert spies["sgd_step"].call_count == 4 * parameters, spies["sgd_step"].call_count
+    assert handed_on.call_count == parameters, handed_on.call_count  # steps 2-4 ran in the kernel, every parameter
+    reference, on_numpy = run("cupy", reference=True), run("numpy")
+    for part, (got, ref, cpu) in enumerate(zip(fast, reference, on_numpy)):
+        assert set(got) == set(cpu) and got, part
+        for name in cpu:
             assert B.backend_name(got[name]) == "cupy", name
-            assert_close(got[name], std[name], dtype, f"{name} vs standard path")
-            assert_close(got[name], ref[name], dtype, f"{name} vs NumPy")
+            assert_close(got[name], ref[name], dtype, f"{name} vs reference path")
+            assert_close(got[name], cpu[name], dtype, f"{name} vs NumPy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
-def test_conv2d_with_kernels_matches_standard_path_and_numpy(cp, xpc, case, dtype):
-    """conv2d and conv2d_backward on CuPy (kernels in place) against the standard path on CuPy and against NumPy."""
+def test_conv2d_with_kernels_matches_reference_path_and_numpy(cp, xpc, case, dtype):
+    """conv2d and conv2d_backward on CuPy (kernels in place) against the reference path on CuPy and against NumPy."""
     N, C, K, H, W, R, S, u, v, a, b, dh, dw = case
     opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw)}
     rng = np.random.default_rng(5)
@@ -340,15 +406,17 @@ def test_conv2d_with_kernels_matches_standard_path_and_numpy(cp, xpc, case, dtyp
         y, cols = ops.conv2d(x, w, bias, return_cols=True, **opts)
         return (y, *ops.conv2d_backward(dy, x, w, cols=cols, **opts))
 
-    fast = run()
-    with standard_path():
-        standard = run()
+    with cupy_kernel_spies("conv2d_forward", "conv2d_backward") as spies:
+        fast = run()
+    assert spies["conv2d_forward"].call_count == 1 and spies["conv2d_backward"].call_count == 1
+    with config_context(fast_paths=False):
+        reference = run()
     y_np, cols_np = ops.conv2d(x_np, w_np, b_np, return_cols=True, **opts)
-    reference = (y_np, *ops.conv2d_backward(dy_np, x_np, w_np, cols=cols_np, **opts))
-    for name, got, std, ref in zip(("y", "dx", "dw", "db"), fast, standard, reference):
+    on_numpy = (y_np, *ops.conv2d_backward(dy_np, x_np, w_np, cols=cols_np, **opts))
+    for name, got, ref, cpu in zip(("y", "dx", "dw", "db"), fast, reference, on_numpy):
         assert B.backend_name(got) == "cupy", name
-        assert_close(got, std, dtype, name + " vs standard path")
-        assert_close(got, ref, dtype, name + " vs NumPy")
+        assert_close(got, ref, dtype, name + " vs reference path")
+        assert_close(got, cpu, dtype, name + " vs NumPy")
 
 
 def test_conv2d_in_slices_under_a_small_workspace_limit_matches_whole_batch(cp, xpc):
@@ -359,15 +427,18 @@ def test_conv2d_in_slices_under_a_small_workspace_limit_matches_whole_batch(cp, 
     bias = B.asarray(rng.standard_normal(5), xpc)
     dy = B.asarray(rng.standard_normal((6, 5, 12, 12)), xpc)
     whole = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
-    previous = conv.get_workspace_limit()
-    try:
-        conv.set_workspace_limit(12 * 12 * 5 * 9 * 8 * 2 / 2**20)  # two samples per slice
-        assert conv._batch_chunk(x.shape, w.shape, 12, 12, x.dtype) == 2
-        sliced = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
-    finally:
-        conv.set_workspace_limit(previous)
-    for name, got, expected in zip(("y", "dx", "dw", "db"), sliced, whole):
+    two_samples_mb = 12 * 12 * 5 * 9 * 8 * 2 / 2**20  # the stride-1 input gradient's H*W x R*S*K, float64
+    with config_context(workspace_mb=two_samples_mb):
+        g = ConvGeometry.of(x.shape, w.shape, 1, 1, 1)
+        assert g.samples_per_slice(8, get_config()["workspace_mb"] * 2**20) == 2
+        with cupy_kernel_spies("conv2d_forward", "conv2d_backward") as spies:
+            sliced = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
+        assert spies["conv2d_forward"].call_count == 1 and spies["conv2d_backward"].call_count == 1
+        with config_context(fast_paths=False):
+            sliced_reference = (ops.conv2d(x, w, bias, padding=1), *ops.conv2d_backward(dy, x, w, padding=1))
+    for name, got, ref, expected in zip(("y", "dx", "dw", "db"), sliced, sliced_reference, whole):
         assert_close(got, expected, "float64", name)
+        assert_close(ref, expected, "float64", name + " (reference path)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -382,7 +453,10 @@ def test_conv2d_bias_gradient_by_gemv_matches_numpy(cp, xpc, dtype):
     assert_close(dw, dw_np, dtype, "dw")
     assert_close(db, db_np, dtype, "db")
     dy2 = put(dy_np.transpose(0, 2, 3, 1).reshape(-1, 12))  # (N*P*Q, K)
-    assert_close(conv._column_sums(xpc, dy2), dy_np.sum(axis=(0, 2, 3)), dtype, "column sums")
+    sums = cupy_conv.column_sums(xpc, dy2)  # (K,)
+    assert B.backend_name(sums) == "cupy" and B.dtype_name(sums) == dtype
+    assert_close(sums, dy_np.sum(axis=(0, 2, 3)), dtype, "column sums")
+    assert_close(sums, reference_conv.column_sums(xpc, dy2), dtype, "column sums vs the reference's")
 
 
 # --------------------------------------------------------------------------- every op, CuPy against NumPy
@@ -486,21 +560,22 @@ OPS = {
 }
 
 
+def _putter(xp, dtype):
+    """``put(a)``: NumPy data to an ``xp`` array, floats as ``dtype``, integers as they are."""
+
+    def put(a):
+        a = np.asarray(a)
+        return B.asarray(a, xp, dtype=dtype if a.dtype.kind == "f" else None)
+
+    return put
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_every_op_forward_and_gradients_match_numpy(cp, xpc, name, dtype):
     """Each op's outputs and gradients from CuPy equal NumPy's on the same data (same seeds)."""
-    xpn = B.get_namespace("numpy")
-
-    def putter(xp):
-        def put(a):
-            a = np.asarray(a)
-            return B.asarray(a, xp, dtype=dtype if a.dtype.kind == "f" else None)
-
-        return put
-
-    on_gpu = OPS[name](putter(xpc), np.random.default_rng(7), dtype)
-    on_cpu = OPS[name](putter(xpn), np.random.default_rng(7), dtype)
+    on_gpu = OPS[name](_putter(xpc, dtype), np.random.default_rng(7), dtype)
+    on_cpu = OPS[name](_putter(B.get_namespace("numpy"), dtype), np.random.default_rng(7), dtype)
     assert set(on_gpu) == set(on_cpu)
     for key in on_cpu:
         if on_cpu[key] is None:
@@ -509,6 +584,21 @@ def test_every_op_forward_and_gradients_match_numpy(cp, xpc, name, dtype):
         assert B.backend_name(on_gpu[key]) == "cupy", f"{name}: {key} left the device"
         assert tuple(on_gpu[key].shape) == tuple(np.shape(on_cpu[key])), key
         assert_close(on_gpu[key], on_cpu[key], dtype, f"{name}: {key}")
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_on_the_reference_path_gives_the_fast_paths_numbers_float64(cp, xpc, name):
+    """Each op's outputs and gradients on CuPy, float64: under fast_paths=False as with the kernels (relative 1e-12)."""
+    fast = OPS[name](_putter(xpc, "float64"), np.random.default_rng(7), "float64")
+    with config_context(fast_paths=False):
+        reference = OPS[name](_putter(xpc, "float64"), np.random.default_rng(7), "float64")
+    assert set(fast) == set(reference)
+    for key in reference:
+        if reference[key] is None:
+            assert fast[key] is None, key
+            continue
+        assert B.backend_name(fast[key]) == "cupy" and B.backend_name(reference[key]) == "cupy", key
+        assert_same_numbers(fast[key], reference[key], f"{name}: {key}")
 
 
 # --------------------------------------------------------------------------- whole networks, CuPy against NumPy
@@ -544,6 +634,47 @@ def test_network_forward_and_all_gradients_match_numpy(cp, xpc, net, dtype):
         assert B.backend_name(on_gpu[key]) == "cupy", key
         assert np.any(host(on_cpu[key]) != 0), f"{key} is all zeros: the comparison would prove nothing"
         assert_close(on_gpu[key], on_cpu[key], dtype, f"{net} {dtype}: {key}")
+
+
+# build_model name -> (in_channels, input_size)
+TRAINED_NETS = {"lenet": (1, (28, 28)), "vgg-small": (3, (32, 32))}
+
+
+def _two_training_steps(name, xp, x_np, labels_np):
+    """Two SGD steps with momentum (the second runs the momentum kernel) in float64; losses, gradients and state."""
+    in_channels, input_size = TRAINED_NETS[name]
+    model = models.build_model(name, in_channels=in_channels, num_classes=10, input_size=input_size, seed=0)
+    model.to(xp, "float64")
+    opt = optim.SGD(model, lr=0.01, momentum=0.9)
+    loss_fn = nn.SoftmaxCrossEntropy()
+    x, labels = B.asarray(x_np, xp, dtype="float64"), B.asarray(labels_np, xp)
+    out = {}
+    for step in (1, 2):
+        out[f"step {step} loss"] = loss_fn.forward(model.forward(x), labels)
+        out[f"step {step} dx"] = model.backward(loss_fn.backward())
+        out.update({f"step {step} grad {p}": layer.grads[key] for p, layer, key in model.named_parameters()})
+        opt.step()
+    out.update({f"param {p}": value for p, value in model.state_dict().items()})
+    out.update({f"optimizer {k}": value for k, value in opt.state_dict().items() if k != "step"})
+    return out
+
+
+@pytest.mark.parametrize("net", sorted(TRAINED_NETS))
+def test_training_steps_on_the_reference_path_give_the_fast_paths_numbers_float64(cp, xpc, net):
+    """lenet / vgg-small, two SGD steps with momentum on CuPy in float64: losses, input and parameter gradients of
+    both steps, parameters and momentum buffers after them are the same under fast_paths=False (relative 1e-12)."""
+    in_channels, (H, W) = TRAINED_NETS[net]
+    rng = np.random.default_rng(21)
+    x_np, labels = rng.standard_normal((8, in_channels, H, W)), rng.integers(0, 10, 8)
+    fast = _two_training_steps(net, xpc, x_np, labels)
+    with config_context(fast_paths=False):
+        reference = _two_training_steps(net, xpc, x_np, labels)
+    assert set(fast) == set(reference)
+    assert any(k.startswith("optimizer") for k in reference) and any(k.startswith("step 2 grad") for k in reference)
+    for key in reference:
+        assert B.backend_name(fast[key]) == "cupy" and B.backend_name(reference[key]) == "cupy", key
+        assert np.any(host(reference[key]) != 0), f"{key} is all zeros: the comparison would prove nothing"
+        assert_same_numbers(fast[key], reference[key], f"{net}: {key}")
 
 
 # --------------------------------------------------------------------------- training stays on the device
@@ -702,7 +833,7 @@ def test_gpu_out_of_memory_in_a_conv_says_what_to_change(cp, xpc):
     pool = cp.get_default_memory_pool()
     cp.cuda.get_current_stream().synchronize()
     pool.free_all_blocks()
-    previous_pool_limit, previous_workspace = pool.get_limit(), conv.get_workspace_limit()
+    previous_pool_limit, workspace_mb = pool.get_limit(), get_config()["workspace_mb"]
     # The whole batch's im2col matrix is 64*64*64 x 144 floats = 151 MiB; the cap leaves 96 MiB.
     pool.set_limit(size=pool.used_bytes() + 96 * 2**20)
     try:
@@ -712,15 +843,17 @@ def test_gpu_out_of_memory_in_a_conv_says_what_to_change(cp, xpc):
         assert type(info.value) is MemoryError
         assert isinstance(info.value.__cause__, cp.cuda.memory.OutOfMemoryError)
         assert message.startswith(repr(layer)), message
-        for part in ("ran out of memory", "batch size 64", f"workspace limit {previous_workspace:g} MB",
-                     "smaller batch", "set_workspace_limit", "PORTABLE_CNN_WORKSPACE_MB"):
+        for part in ("ran out of memory", "batch size 64", f"workspace limit {workspace_mb:g} MB",
+                     "smaller batch", "set_config(workspace_mb=", "PORTABLE_CNN_WORKSPACE_MB"):
             assert part in message, (part, message)
-        conv.set_workspace_limit(8)  # slices of 3 samples: about 7 MiB of columns at a time
-        y = layer.forward(x)
+        with config_context(workspace_mb=8):  # slices of 3 samples: about 7 MiB of columns at a time
+            g = ConvGeometry.of(x.shape, layer.params["weight"].shape, 1, 1, 1)
+            assert g.samples_per_slice(4, 8 * 2**20) == 3
+            y = layer.forward(x)
         assert tuple(y.shape) == (64, 16, 64, 64)
+        assert get_config()["workspace_mb"] == workspace_mb
     finally:
         pool.set_limit(size=previous_pool_limit)
-        conv.set_workspace_limit(previous_workspace)
 
 
 def test_tf32_is_off_by_default_and_float32_gemms_are_exact(cp, xpc):
@@ -728,7 +861,7 @@ def test_tf32_is_off_by_default_and_float32_gemms_are_exact(cp, xpc):
 
     TF32 would round 1 + 2**-12 to 1 (10 mantissa bits) and give 1024.
     """
-    assert not B.tf32_enabled()
+    assert not B.tf32_enabled() and not get_config()["tf32"]
     a = cp.full((256, 1024), 1 + 2.0**-12, dtype=cp.float32)
     b = cp.ones((1024, 256), dtype=cp.float32)
     assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
@@ -739,5 +872,10 @@ def test_tf32_is_off_by_default_and_float32_gemms_are_exact(cp, xpc):
         assert abs(product - 1024.25) <= 0.5
     finally:
         B.set_tf32(False)
+    assert not B.tf32_enabled()
+    assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
+    with config_context(tf32=True):  # the setting reaches CuPy, and is taken back after the block
+        assert B.tf32_enabled()
+        assert abs(float((a @ b)[0, 0]) - 1024.25) <= 0.5
     assert not B.tf32_enabled()
     assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
