@@ -41,10 +41,19 @@ import numbers
 
 import numpy as np
 
-from . import backend
-from .ops import _cupy
+from . import backend, dispatch
 
-__all__ = ["Optimizer", "SGD", "Adam", "StepLR", "CosineAnnealingLR"]
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "StepLR",
+    "CosineAnnealingLR",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "build_optimizer",
+    "build_scheduler",
+]
 
 
 def _named_parameters(model):
@@ -199,26 +208,13 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening == 0")
 
     def _update(self, name, param, grad, state):
-        buf = state.get("momentum_buffer")
-        if (self.momentum != 0 and buf is not None and backend.is_cupy(backend.namespace(param))
-                and _cupy.supports(param.dtype) and grad.dtype == param.dtype == buf.dtype):
-            # CuPy: the whole update in one kernel (the standard path below is five).
-            param, state["momentum_buffer"] = _cupy.sgd_momentum_step(
-                param, grad, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov
-            )
-            return param
-        if self.weight_decay != 0:
-            grad = grad + self.weight_decay * param
-        if self.momentum != 0:
-            if buf is None:
-                # A copy, as torch clones: the gradient array belongs to the layer,
-                # which (or a user clipping in place) may write into it later.
-                buf = backend.namespace(grad).asarray(grad, copy=True)
-            else:
-                buf = self.momentum * buf + (1 - self.dampening) * grad
+        xp = backend.namespace(param)
+        step = dispatch.kernel("sgd_step", xp, param.dtype)
+        param, buf = step(xp, param, grad, state.get("momentum_buffer"), lr=self.lr, momentum=self.momentum,
+                          dampening=self.dampening, weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if buf is not None:
             state["momentum_buffer"] = buf
-            grad = grad + self.momentum * buf if self.nesterov else buf
-        return param - self.lr * grad
+        return param
 
     def config(self) -> dict:
         """Constructor arguments plus ``"name": "sgd"``; ``lr`` is the initial one (a scheduler restores the current)."""
@@ -259,20 +255,12 @@ class Adam(Optimizer):
     def _update(self, name, param, grad, state):
         xp = backend.namespace(param)
         beta1, beta2 = self.betas
-        if self.weight_decay != 0:
-            grad = grad + self.weight_decay * param
-        exp_avg = state.get("exp_avg")
-        if exp_avg is None:
-            exp_avg = (1 - beta1) * grad
-            exp_avg_sq = (1 - beta2) * (grad * grad)
-        else:
-            exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-            exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * (grad * grad)
-        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2 = 1 - beta2**self.steps
-        denom = xp.sqrt(exp_avg_sq) / math.sqrt(bias_correction2) + self.eps
-        return param - (self.lr / bias_correction1) * exp_avg / denom
+        step = dispatch.kernel("adam_step", xp, param.dtype)
+        param, state["exp_avg"], state["exp_avg_sq"] = step(
+            xp, param, grad, state.get("exp_avg"), state.get("exp_avg_sq"), step=self.steps, lr=self.lr,
+            beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay,
+        )
+        return param
 
     def config(self) -> dict:
         """Constructor arguments plus ``"name": "adam"``; ``lr`` is the initial one (a scheduler restores the current)."""
@@ -363,3 +351,58 @@ class CosineAnnealingLR(_Scheduler):
 
     def _lr_at(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+#: Optimizer classes by the name that :func:`build_optimizer`, checkpoints and ``--optimizer`` use.
+OPTIMIZERS = {SGD.name: SGD, Adam.name: Adam}
+
+#: Learning-rate schedules by the name that :func:`build_scheduler`, checkpoints and ``--schedule``
+#: use; ``"none"`` (``None``) keeps the rate constant.
+SCHEDULES = {"none": None, "step": StepLR, "cosine": CosineAnnealingLR}
+
+
+def _choices(registry) -> str:
+    return ", ".join(map(repr, registry))
+
+
+def build_optimizer(model, config: dict) -> Optimizer:
+    """An optimizer from a config dict such as ``optimizer.config()`` returns.
+
+    ``config["name"]`` is a key of :data:`OPTIMIZERS`; the other entries are
+    the constructor's keyword arguments.
+
+    >>> from portable_cnn import models
+    >>> model = models.build_model("digits", in_channels=1, num_classes=10, input_size=8)
+    >>> build_optimizer(model, {"name": "adam", "lr": 0.001}).config()["name"]
+    'adam'
+    """
+    kwargs = dict(config)
+    name = kwargs.pop("name", None)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {_choices(OPTIMIZERS)}")
+    if "betas" in kwargs:  # JSON turns the tuple into a list
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return OPTIMIZERS[name](model, **kwargs)
+
+
+def build_scheduler(optimizer: Optimizer, config: dict | None):
+    """A learning-rate schedule from ``{"name": <a key of SCHEDULES>, ...}``; ``None`` for ``"none"``.
+
+    ``"step"`` takes ``step_size`` and ``gamma`` (:class:`StepLR`), ``"cosine"``
+    takes ``T_max`` and ``eta_min`` (:class:`CosineAnnealingLR`). A saved
+    ``last_epoch`` is left for ``load_state_dict``.
+
+    >>> from portable_cnn import nn
+    >>> opt = SGD(nn.Linear(2, 1, rng=0), lr=1.0)
+    >>> build_scheduler(opt, {"name": "cosine", "T_max": 10}).T_max
+    10
+    >>> build_scheduler(opt, {"name": "none"}) is None
+    True
+    """
+    name = "none" if config is None else config.get("name", "none")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {_choices(SCHEDULES)}")
+    if SCHEDULES[name] is None:
+        return None
+    kwargs = {k: v for k, v in config.items() if k not in ("name", "last_epoch")}
+    return SCHEDULES[name](optimizer, **kwargs)

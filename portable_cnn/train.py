@@ -8,15 +8,23 @@ of an epoch, because on a GPU every read is a synchronisation that stalls the
 queue of kernels. The labels are checked once, on the host, before training,
 so the loss runs with ``validate=False`` and costs no read-back of its own.
 
-Training can stop three ways, each leaving a usable checkpoint:
+Training can stop three ways, each leaving a usable checkpoint when
+:class:`~portable_cnn.callbacks.Checkpointing` is among the callbacks:
 
 * it reaches the target epoch (a checkpoint after every epoch);
-* Ctrl-C: the step in progress finishes, a checkpoint of the exact position
-  (down to the batch within the epoch) is written and
+* Ctrl-C: the step in progress finishes, the callbacks' ``on_interrupt``
+  runs (:class:`~portable_cnn.callbacks.Checkpointing` writes a checkpoint
+  of the exact position, down to the batch within the epoch) and
   :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; resuming
-  from it continues the same run;
+  from that checkpoint continues the same run;
 * a non-finite loss: :class:`NonFiniteLossError` names the epoch and step,
   and no checkpoint is written over the last good one.
+
+Presentation and persistence (progress bar, JSON log, checkpoints, console
+lines) are callbacks (:mod:`portable_cnn.callbacks`); the loop only calls
+them. Optimizer and schedule registries live in :mod:`portable_cnn.optim`
+(re-exported here: ``OPTIMIZERS``, ``SCHEDULES``, ``build_optimizer``,
+``build_scheduler``).
 
 >>> from portable_cnn import data, models, optim
 >>> ds = data.load_digits().normalized()
@@ -29,7 +37,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -45,6 +52,7 @@ import numpy as np
 from . import backend, nn, ops
 from .checkpoint import Checkpoint, generator_state, save_checkpoint
 from .data import iterate_minibatches
+from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
 __all__ = [
     "OPTIMIZERS",
@@ -59,10 +67,6 @@ __all__ = [
     "check_labels",
     "evaluate",
 ]
-
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("none", "step", "cosine")
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; ``epoch`` and ``step`` say where (1-based)."""
@@ -82,48 +86,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, *, epoch: int, step: int, checkpoint_path: Path | None):
         super().__init__(message)
         self.epoch, self.step, self.checkpoint_path = epoch, step, checkpoint_path
-
-
-def build_optimizer(model, config: dict):
-    """An optimizer from a config dict such as ``optimizer.config()`` returns.
-
-    ``config["name"]`` is ``"sgd"`` or ``"adam"``; the other entries are the
-    constructor's keyword arguments.
-
-    >>> from portable_cnn import models
-    >>> model = models.build_model("digits", in_channels=1, num_classes=10, input_size=8)
-    >>> build_optimizer(model, {"name": "adam", "lr": 0.001}).config()["name"]
-    'adam'
-    """
-    from . import optim
-
-    kwargs = dict(config)
-    name = kwargs.pop("name", None)
-    if "betas" in kwargs:  # JSON turns the tuple into a list
-        kwargs["betas"] = tuple(kwargs["betas"])
-    if name == "sgd":
-        return optim.SGD(model, **kwargs)
-    if name == "adam":
-        return optim.Adam(model, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(map(repr, OPTIMIZERS))}")
-
-
-def build_scheduler(optimizer, config: dict | None):
-    """A learning-rate schedule from ``{"name": "none"|"step"|"cosine", ...}``; ``None`` for none.
-
-    ``"step"`` takes ``step_size`` and ``gamma`` (:class:`portable_cnn.optim.StepLR`),
-    ``"cosine"`` takes ``T_max`` and ``eta_min`` (:class:`portable_cnn.optim.CosineAnnealingLR`).
-    """
-    from . import optim
-
-    if config is None or config.get("name", "none") == "none":
-        return None
-    kwargs = {k: v for k, v in config.items() if k not in ("name", "last_epoch")}
-    if config["name"] == "step":
-        return optim.StepLR(optimizer, **kwargs)
-    if config["name"] == "cosine":
-        return optim.CosineAnnealingLR(optimizer, **kwargs)
-    raise ValueError(f"unknown schedule {config['name']!r}; choose one of {', '.join(map(repr, SCHEDULES))}")
 
 
 def check_labels(y: np.ndarray, num_classes: int, where: str = "labels") -> None:
@@ -222,11 +184,11 @@ class EpochResult:
 
 
 class Trainer:
-    """Train a model on a :class:`portable_cnn.data.Dataset`, with checkpoints.
+    """Train a model on a :class:`portable_cnn.data.Dataset`; callbacks do the rest.
 
     Parameters
     ----------
-    model : portable_cnn.nn.Sequential
+    model : portable_cnn.nn.Module
         Already on its backend and dtype (``model.to(...)``); batches follow it.
     optimizer : portable_cnn.optim.SGD or portable_cnn.optim.Adam
     dataset : portable_cnn.data.Dataset
@@ -242,42 +204,30 @@ class Trainer:
         Read the loss back to the host (and check it is finite) every this
         many steps, and at the end of each epoch.
     eval_batch_size : int, default 256
-    checkpoint_path : path, optional
-        Written after every epoch.
-    interrupt_path : path, optional
-        Where Ctrl-C saves; defaults to ``checkpoint_path``.
     model_config, data_config, train_config : dict, optional
         Stored in checkpoints (see :mod:`portable_cnn.checkpoint`);
         ``model_config`` is needed to save one.
-    progress : bool, default False
-        A ``tqdm`` bar per epoch with loss, accuracy and images/s.
-    log_json : path or file, optional
-        One JSON line per epoch (:meth:`EpochResult.as_dict`).
-    echo : callable, optional
-        Called with a one-line summary after every epoch (``print``).
-    on_step : callable, optional
-        Called as ``on_step(trainer)`` after every optimizer step.
+    callbacks : sequence of portable_cnn.callbacks.Callback, optional
+        Called in order at each hook (:mod:`portable_cnn.callbacks`):
+        ``ProgressBar()``, ``JsonLog(path)``, ``Checkpointing(path)``,
+        ``ConsoleLines()`` or your own. Kept as the list :attr:`callbacks`,
+        which may be extended before :meth:`fit`.
     """
 
     def __init__(self, model, optimizer, dataset, *, scheduler=None, scheduler_config=None, batch_size=32, seed=0,
-                 log_every=10, eval_batch_size=256, checkpoint_path=None, interrupt_path=None, model_config=None,
-                 data_config=None, train_config=None, progress=False, log_json=None, echo=None, on_step=None):
+                 log_every=10, eval_batch_size=256, model_config=None, data_config=None, train_config=None,
+                 callbacks=()):
         for name, value in (("batch_size", batch_size), ("log_every", log_every), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Trainer: {name} must be a positive int, got {value!r}")
-        if (checkpoint_path is not None or interrupt_path is not None) and model_config is None:
-            raise ValueError("Trainer: saving checkpoints needs model_config (the model's name and constructor arguments)")
         self.model, self.optimizer, self.dataset = model, optimizer, dataset
         self.scheduler = scheduler
         self.scheduler_config = scheduler_config if scheduler is not None else {"name": "none"}
         self.batch_size, self.log_every, self.eval_batch_size = batch_size, log_every, eval_batch_size
         self.seed = seed
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-        self.interrupt_path = Path(interrupt_path) if interrupt_path is not None else self.checkpoint_path
         self.model_config, self.data_config = model_config, dict(data_config or {})
         self.train_config = dict(train_config or {})
-        self.progress, self.echo, self.on_step = progress, echo, on_step
-        self.log_json = log_json
+        self.callbacks = list(callbacks)
 
         param = _model_array(model)
         self.xp, self.device, self.dtype = backend.namespace(param), backend.device(param), backend.dtype_name(param)
@@ -288,9 +238,11 @@ class Trainer:
         self.epoch = 0            # completed epochs
         self.step = 0             # optimizer steps so far
         self.batch_in_epoch = 0   # batches done in the current epoch
+        self.target_epochs = 0    # what the running fit() trains towards
         self._epoch_start_state = None  # shuffle_rng state before this epoch's permutation
         self._pending = []        # (loss, correct, batch size, step) not yet read back
         self._sums = [0.0, 0.0, 0]  # this epoch's read-back loss*n, correct, n
+        self._images, self._clock = 0, 0.0  # images and start time of this fit's part of the epoch
         self._stop_requested = False
         self.last_saved: tuple[Path, int] | None = None
         self.history: list[EpochResult] = []
@@ -300,23 +252,50 @@ class Trainer:
         if len(dataset.y_train) == 0:
             raise ValueError(f"dataset {dataset.name!r} has no training samples")
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Mini-batches in one epoch (the last one may be smaller)."""
+        return -(-len(self.dataset.y_train) // self.batch_size)
+
+    def running_metrics(self) -> dict:
+        """The current epoch so far, from what was already read back (no device read).
+
+        ``loss`` and ``accuracy`` are means over the ``seen`` samples read back
+        (NaN before the first read), ``images_per_s`` counts every step this
+        ``fit`` ran in the epoch.
+        """
+        loss_sum, correct_sum, seen = self._sums
+        elapsed = time.perf_counter() - self._clock
+        return {
+            "loss": loss_sum / seen if seen else math.nan,
+            "accuracy": correct_sum / seen if seen else math.nan,
+            "seen": seen,
+            "images_per_s": self._images / elapsed if elapsed > 0 and self._images else math.nan,
+        }
+
+    def _notify(self, hook: str, *args) -> list:
+        """Call ``hook`` on every callback, in order; their return values."""
+        return [getattr(callback, hook)(self, *args) for callback in self.callbacks]
+
     # ------------------------------------------------------------------ state
 
     def _generators(self) -> dict:
-        """Generators the model draws from (Dropout), by ``"<layer>.<attribute>"``."""
+        """Generators the model draws from (Dropout), by ``"<module name>.<attribute>"`` (``"3.rng"``)."""
         found = {}
-        for i, layer in enumerate(getattr(self.model, "layers", [self.model])):
-            for attr, value in vars(layer).items():
+        for name, module in self.model.named_modules():
+            for attr, value in vars(module).items():
                 if isinstance(value, np.random.Generator):
-                    found[f"{i}.{attr}"] = value
+                    found[f"{name}.{attr}" if name else attr] = value
         return found
 
     def _uses_default_generator(self) -> bool:
-        """True when a layer (a Dropout built without ``rng=``) draws from nn's default generator."""
-        return any(hasattr(layer, "rng") and layer.rng is None for layer in getattr(self.model, "layers", [self.model]))
+        """True when a module (a Dropout built without ``rng=``) draws from nn's default generator."""
+        return any(hasattr(module, "rng") and module.rng is None for _, module in self.model.named_modules())
 
     def checkpoint(self) -> Checkpoint:
-        """A snapshot of the run as it stands (arrays copied to the host)."""
+        """A snapshot of the run as it stands (arrays copied to the host); needs ``model_config``."""
+        if self.model_config is None:
+            raise ValueError("Trainer: saving a checkpoint needs model_config (the model's name and constructor arguments)")
         rng = {
             "shuffle": generator_state(self.shuffle_rng),
             "layers": {k: generator_state(g) for k, g in self._generators().items()},
@@ -337,15 +316,12 @@ class Trainer:
             epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
         )
 
-    def save(self, path=None) -> Path:
-        """Write a checkpoint (atomically) to ``path`` or ``checkpoint_path``."""
-        path = Path(path) if path is not None else self.checkpoint_path
-        if path is None:
-            raise ValueError("Trainer.save: no path given and no checkpoint_path set")
+    def save(self, path) -> Path:
+        """Write a checkpoint (atomically) to ``path``; returns it as a :class:`~pathlib.Path`."""
+        path = Path(path)
         save_checkpoint(path, self.checkpoint())
         self.last_saved = (path, self.epoch)
         return path
-
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue the run saved in ``ckpt``: weights, optimizer, schedule, position and generators.
 
@@ -389,24 +365,31 @@ class Trainer:
         Raises
         ------
         NonFiniteLossError
-            The loss became NaN or infinite (no checkpoint is written).
+            The loss became NaN or infinite (no callback sees an epoch end,
+            so no checkpoint is written over the last good one).
         TrainingInterrupted
-            Ctrl-C; a checkpoint was written to ``interrupt_path`` first.
+            Ctrl-C; the callbacks' ``on_interrupt`` ran first (a
+            :class:`~portable_cnn.callbacks.Checkpointing` saved the position).
         """
+        self.target_epochs = epochs
         results = []
-        with self._sigint_deferred(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            try:
-                while self.epoch < epochs:
-                    results.append(self._run_epoch(epochs))
-            except KeyboardInterrupt as exc:
-                if self._stop_requested and not isinstance(exc, _StopRequested):
-                    raise  # a second Ctrl-C: abort now, without saving
-                self._read_back()  # a non-finite loss wins over the interrupt: nothing to save then
-                path = self.save(self.interrupt_path) if self.interrupt_path is not None else None
-                where = f"epoch {self.epoch + 1}, step {self.step} (batch {self.batch_in_epoch} of the epoch)"
-                saved = f"checkpoint saved to {path}" if path is not None else "no checkpoint path was set, nothing saved"
-                raise TrainingInterrupted(f"interrupted at {where}; {saved}", epoch=self.epoch + 1, step=self.step,
-                                          checkpoint_path=path) from None
+        try:
+            self._notify("on_fit_start")
+            with self._sigint_deferred(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                try:
+                    while self.epoch < epochs:
+                        results.append(self._run_epoch())
+                except KeyboardInterrupt as exc:
+                    if self._stop_requested and not isinstance(exc, _StopRequested):
+                        raise  # a second Ctrl-C: abort now, without saving
+                    self._read_back()  # a non-finite loss wins over the interrupt: nothing to save then
+                    path = next((p for p in self._notify("on_interrupt") if p is not None), None)
+                    where = f"epoch {self.epoch + 1}, step {self.step} (batch {self.batch_in_epoch} of the epoch)"
+                    saved = f"checkpoint saved to {path}" if path is not None else "no checkpoint path was set, nothing saved"
+                    raise TrainingInterrupted(f"interrupted at {where}; {saved}", epoch=self.epoch + 1, step=self.step,
+                                              checkpoint_path=path) from None
+        finally:
+            self._notify("on_fit_end")
         return results
 
     @contextmanager
@@ -446,9 +429,8 @@ class Trainer:
         self.optimizer.step()
         return loss, logits
 
-    def _run_epoch(self, epochs: int) -> EpochResult:
+    def _run_epoch(self) -> EpochResult:
         ds, xp, dev = self.dataset, self.xp, self.device
-        n_batches = -(-len(ds.y_train) // self.batch_size)
         skip = self.batch_in_epoch
         if skip:
             # Resuming inside an epoch: redraw the same permutation and skip what was done.
@@ -458,47 +440,30 @@ class Trainer:
             self._sums = [0.0, 0.0, 0]
         batches = iterate_minibatches(ds.x_train, ds.y_train, self.batch_size, shuffle=True, rng=self.shuffle_rng)
         lr = float(self.optimizer.lr)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}", unit="batch",
-                       leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
-        images = 0
-        start = time.perf_counter()
-        try:
-            for xb, yb in islice(batches, skip, None):
-                xd = backend.asarray(xb, xp, dtype=self.dtype, device=dev)  # one transfer per batch
-                yd = backend.asarray(yb, xp, device=dev)
-                loss, logits = self._train_step(xd, yd)
-                self.step += 1
-                self.batch_in_epoch += 1
-                images += len(yb)
-                correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
-                self._pending.append((loss, correct, len(yb), self.step))
-                if len(self._pending) >= self.log_every:
-                    self._read_back()
-                    if bar is not None:
-                        bar.set_postfix(self._postfix(images, start), refresh=False)
-                if bar is not None:
-                    bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(self)
-                if self._stop_requested:
-                    raise _StopRequested
-            self._read_back()  # also waits for the device, so the clock below is honest
-            seconds = time.perf_counter() - start
-        finally:
-            if bar is not None:
-                bar.close()
+        self._images, self._clock = 0, time.perf_counter()
+        self._notify("on_epoch_start")
+        for xb, yb in islice(batches, skip, None):
+            xd = backend.asarray(xb, xp, dtype=self.dtype, device=dev)  # one transfer per batch
+            yd = backend.asarray(yb, xp, device=dev)
+            loss, logits = self._train_step(xd, yd)
+            self.step += 1
+            self.batch_in_epoch += 1
+            self._images += len(yb)
+            correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
+            self._pending.append((loss, correct, len(yb), self.step))
+            if len(self._pending) >= self.log_every:
+                self._read_back()
+            self._notify("on_step_end")
+            if self._stop_requested:
+                raise _StopRequested
+        self._read_back()  # also waits for the device, so the clock below is honest
+        seconds = time.perf_counter() - self._clock
+        running = self.running_metrics()
         test = evaluate(self.model, ds.x_test, ds.y_test, batch_size=self.eval_batch_size)
-        loss_sum, correct_sum, seen = self._sums
         result = EpochResult(
-            epoch=self.epoch + 1, step=self.step,
-            train_loss=loss_sum / seen if seen else math.nan,
-            train_accuracy=correct_sum / seen if seen else math.nan,
+            epoch=self.epoch + 1, step=self.step, train_loss=running["loss"], train_accuracy=running["accuracy"],
             test_loss=test.loss, test_accuracy=test.accuracy,
-            images_per_s=images / seconds if seconds > 0 and images else math.nan,
+            images_per_s=self._images / seconds if seconds > 0 and self._images else math.nan,
             lr=lr, seconds=seconds,
         )
         if self._stop_requested:
@@ -509,9 +474,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._epoch_start_state = None
         self.history.append(result)
-        if self.checkpoint_path is not None:
-            self.save()
-        self._log(result, epochs)
+        self._notify("on_epoch_end", result)
         return result
 
     def _read_back(self) -> None:
@@ -542,28 +505,3 @@ class Trainer:
         self._sums[0] += float(np.dot(host[0].astype(np.float64), sizes))
         self._sums[1] += float(host[1].sum())
         self._sums[2] += int(sizes.sum())
-
-    def _postfix(self, images: int, start: float) -> dict:
-        loss_sum, correct_sum, seen = self._sums
-        elapsed = time.perf_counter() - start
-        return {
-            "loss": f"{loss_sum / seen:.4f}" if seen else "?",
-            "acc": f"{correct_sum / seen:.1%}" if seen else "?",
-            "img/s": f"{images / elapsed:.0f}" if elapsed > 0 else "?",
-        }
-
-    def _log(self, result: EpochResult, epochs: int) -> None:
-        if self.log_json is not None:
-            line = json.dumps(result.as_dict()) + "\n"
-            if hasattr(self.log_json, "write"):
-                self.log_json.write(line)
-                self.log_json.flush()
-            else:
-                with open(self.log_json, "a", encoding="utf-8") as f:
-                    f.write(line)
-        if self.echo is not None:
-            self.echo(
-                f"epoch {result.epoch}/{epochs}  loss {result.train_loss:.4f}  train acc {result.train_accuracy:.2%}  "
-                f"test loss {result.test_loss:.4f}  test acc {result.test_accuracy:.2%}  "
-                f"{result.images_per_s:,.0f} img/s  {result.seconds:.1f} s"
-            )

@@ -1,8 +1,8 @@
 """The ``portable-cnn`` command: train, eval, resume, errors, and both ways of starting it.
 
-Most runs call :func:`portable_cnn.cli.main` in-process (cheap); two
-subprocess tests check ``python -m portable_cnn`` and the declared console
-script entry point for real.
+Most runs call :func:`portable_cnn.cli.main` in-process (cheap); subprocess
+tests check ``python -m portable_cnn``, the declared console script entry
+point and what ``train --help`` imports, in fresh interpreters.
 """
 
 from __future__ import annotations
@@ -192,6 +192,14 @@ def test_data_and_checkpoint_errors_exit_2_without_traceback(tmp_path, capsys, a
     assert err.startswith("portable-cnn ")
 
 
+def test_a_run_that_cannot_start_leaves_an_old_log_alone(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text("the last run\n")
+    code, out, err = run(capsys, *FAST, "--data", str(tmp_path / "missing.npz"), "--log-json", str(log))
+    assert code == 2 and "cannot load dataset 'npz'" in err
+    assert log.read_text() == "the last run\n"
+
+
 def test_explicit_cupy_without_a_gpu_is_a_clear_error(capsys):
     ok, why = B.cupy_status()
     if ok:
@@ -200,20 +208,54 @@ def test_explicit_cupy_without_a_gpu_is_a_clear_error(capsys):
     assert code == 2 and "backend 'cupy' cannot run here" in err
 
 
-def test_an_extension_module_adds_a_subcommand(monkeypatch, capsys):
-    """The slot ``portable-cnn bench`` uses: a module with ``add_<name>_parser(subparsers)``."""
+def test_an_extension_module_adds_a_subcommand_and_is_imported_only_to_run_it(monkeypatch, capsys):
+    """The slot ``portable-cnn bench`` uses: a module with ``add_<name>_parser(subparsers)``, loaded on demand."""
     module = types.ModuleType("fake_extension")
     module.__spec__ = importlib.machinery.ModuleSpec("fake_extension", None)
+    added = []
 
     def add_parser(subparsers):
+        added.append(1)
         p = subparsers.add_parser("hello", help="say hello")
         p.add_argument("--name", default="world")
         p.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
 
     module.add_fake_parser = add_parser
     monkeypatch.setitem(sys.modules, "fake_extension", module)
-    monkeypatch.setattr(cli, "EXTENSIONS", cli.EXTENSIONS + (("fake_extension", "add_fake_parser"),))
+    monkeypatch.setattr(cli, "EXTENSIONS", cli.EXTENSIONS + (("hello", "fake_extension", "add_fake_parser", "say hello"),))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0 and added == []
+    assert re.search(r"^\s+hello\s+say hello$", capsys.readouterr().out, re.M)
     assert run(capsys, "hello", "--name", "cnn")[:2] == (0, "hello cnn\n")
+    assert added == [1]
+
+
+def test_train_help_lists_the_registered_optimizers_and_schedules(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--optimizer {sgd,adam}" in out and "--schedule {none,step,cosine}" in out
+
+
+def test_a_bad_environment_variable_is_one_line_and_help_still_works(monkeypatch, capsys, tmp_path):
+    """The settings are read on first use: --help reads nothing, a command reports the variable before any work."""
+    from portable_cnn import config
+
+    monkeypatch.setattr(config, "_config", None)  # as in a fresh process: the environment not read yet
+    monkeypatch.setenv("PORTABLE_CNN_WORKSPACE_MB", "abc")
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0, argv
+    capsys.readouterr()
+    ckpt = tmp_path / "never.safetensors"
+    expected = "environment variable PORTABLE_CNN_WORKSPACE_MB: expected a positive number of megabytes, got 'abc'\n"
+    code, out, err = run(capsys, *FAST, "--checkpoint", str(ckpt))
+    assert (code, out, err) == (2, "", "portable-cnn train: error: " + expected)
+    assert not ckpt.exists()
+    code, out, err = run(capsys, "eval", "--checkpoint", str(ckpt))
+    assert (code, out, err) == (2, "", "portable-cnn eval: error: " + expected)
 
 
 # --------------------------------------------------------------------------- processes
@@ -233,6 +275,24 @@ def test_python_dash_m_runs_the_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("test accuracy: ") and proc.stderr == ""
     assert load_checkpoint(tmp_path / "m.safetensors").epoch == 1
+
+
+def test_train_help_imports_no_bench_module(tmp_path):
+    """The benchmark (and what it imports) loads only for ``portable-cnn bench``; ``--help`` still lists it."""
+    code = (
+        "import sys\n"
+        "from portable_cnn.cli import main\n"
+        "for argv in (['train', '--help'], ['--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('portable_cnn.bench')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert re.search(r"^\s+bench\s+\S", proc.stdout, re.M), proc.stdout
 
 
 def test_console_script_entry_point(tmp_path):

@@ -269,3 +269,31 @@ def test_schedule_state_round_trip(name, kwargs):
         resumed.load_state_dict({"last_epoch": -1})
     with pytest.raises(ValueError, match="T_max must be a positive int" if "T_max" in kwargs else "step_size must be a positive int"):
         getattr(optim, name)(resumed_opt, **{**kwargs, ("T_max" if "T_max" in kwargs else "step_size"): 0})
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@pytest.mark.parametrize("name, config", CONFIGS, ids=[f"{n}-{'-'.join(c)}" for n, c in CONFIGS])
+def test_build_optimizer_rebuilds_a_saved_config(name, config):
+    """``config()`` through JSON (as a checkpoint stores it) builds the same optimizer by its registry name."""
+    model = nn.Sequential(nn.Linear(3, 2, rng=0))
+    original = build(name, model, config)
+    rebuilt = optim.build_optimizer(model, json.loads(json.dumps(original.config())))
+    assert type(rebuilt) is optim.OPTIMIZERS[name] is type(original)
+    assert rebuilt.config() == original.config()
+
+
+def test_registries_name_every_optimizer_and_schedule():
+    assert optim.OPTIMIZERS == {"sgd": optim.SGD, "adam": optim.Adam}
+    assert optim.SCHEDULES == {"none": None, "step": optim.StepLR, "cosine": optim.CosineAnnealingLR}
+    opt = optim.SGD(nn.Linear(2, 1, rng=0), lr=0.1)
+    configs = {"none": {"name": "none"}, "step": {"name": "step", "step_size": 2}, "cosine": {"name": "cosine", "T_max": 5}}
+    for name, cls in optim.SCHEDULES.items():
+        sched = optim.build_scheduler(opt, configs[name])
+        assert (sched is None) if cls is None else (type(sched) is cls), name
+    assert optim.build_scheduler(opt, None) is None
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; choose one of 'sgd', 'adam'"):
+        optim.build_optimizer(opt.model, {"name": "rmsprop", "lr": 0.1})
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; choose one of 'none', 'step', 'cosine'"):
+        optim.build_scheduler(opt, {"name": "linear"})

@@ -18,6 +18,7 @@ import pytest
 
 from portable_cnn import backend as B
 from portable_cnn import nn, optim, train
+from portable_cnn.callbacks import Callback, Checkpointing, ConsoleLines, JsonLog, ProgressBar
 from portable_cnn.checkpoint import load_checkpoint
 from portable_cnn.data import Dataset
 from portable_cnn.train import NonFiniteLossError, Trainer, TrainingInterrupted, evaluate
@@ -43,14 +44,29 @@ def tiny_model(seed=0, dropout=0.2):
     )
 
 
-def make_trainer(tmp_path=None, *, epochs=2, name="run", dropout=0.2, backend="numpy", **kw):
+class AtStep(Callback):
+    """Calls ``fn(trainer)`` after every optimizer step."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step_end(self, trainer):
+        self.fn(trainer)
+
+
+def make_trainer(tmp_path=None, *, epochs=2, name="run", dropout=0.2, backend="numpy", on_step=None, callbacks=(), **kw):
+    """The tiny run; checkpoints to ``tmp_path/<name>.safetensors`` when ``tmp_path`` is given."""
     model = tiny_model(dropout=dropout).to(backend)
     opt = optim.SGD(model, lr=0.05, momentum=0.9, weight_decay=1e-3)
     sched_config = {"name": "cosine", "T_max": epochs}
-    kw.setdefault("checkpoint_path", None if tmp_path is None else tmp_path / f"{name}.safetensors")
+    callbacks = [*callbacks]
+    if tmp_path is not None:
+        callbacks.insert(0, Checkpointing(tmp_path / f"{name}.safetensors"))
+    if on_step is not None:
+        callbacks.append(AtStep(on_step))
     kw.setdefault("log_every", 2)
     return Trainer(model, opt, tiny_dataset(), scheduler=optim.CosineAnnealingLR(opt, T_max=epochs),
-                   scheduler_config=sched_config, batch_size=8, seed=1, model_config=CONFIG, **kw)
+                   scheduler_config=sched_config, batch_size=8, seed=1, model_config=CONFIG, callbacks=callbacks, **kw)
 
 
 def assert_same_state(a: Trainer, b: Trainer):
@@ -81,6 +97,7 @@ def test_two_epochs_equal_one_then_resume_for_one(tmp_path):
     first.fit(1)
     ckpt = load_checkpoint(tmp_path / "run.safetensors")
     assert (ckpt.epoch, ckpt.step, ckpt.batch_in_epoch) == (1, 5, 0)
+    assert set(ckpt.rng["layers"]) == {"5.rng"}  # the Dropout's generator, under its module name
     second = resumed(tmp_path, tmp_path / "run.safetensors")
     assert second.epoch == 1
     results = second.fit(2)
@@ -215,9 +232,16 @@ def test_model_width_must_match_the_classes():
 
 
 def test_saving_needs_a_model_config(tmp_path):
+    """Refused before any training, not after an epoch."""
     model = tiny_model()
+    steps = []
+    trainer = Trainer(model, optim.SGD(model, lr=0.1), tiny_dataset(),
+                      callbacks=[Checkpointing(tmp_path / "c.safetensors"), AtStep(steps.append)])
     with pytest.raises(ValueError, match="model_config"):
-        Trainer(model, optim.SGD(model, lr=0.1), tiny_dataset(), checkpoint_path=tmp_path / "c.safetensors")
+        trainer.fit(1)
+    assert steps == [] and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="model_config"):
+        trainer.save(tmp_path / "c.safetensors")
 
 
 # --------------------------------------------------------------------------- evaluation and logs
@@ -256,7 +280,7 @@ def test_training_runs_on_other_backends(name):
 def test_history_and_json_log(tmp_path):
     log = tmp_path / "log.jsonl"
     lines = []
-    trainer = make_trainer(None, log_json=log, echo=lines.append)
+    trainer = make_trainer(None, callbacks=[JsonLog(log), ConsoleLines(lines.append)])
     results = trainer.fit(2)
     import json
 
@@ -281,6 +305,9 @@ def test_learning_does_happen():
 
 
 def test_build_optimizer_and_scheduler_from_configs():
+    """The registries live in optim; train re-exports the names it always had."""
+    assert train.build_optimizer is optim.build_optimizer and train.build_scheduler is optim.build_scheduler
+    assert train.OPTIMIZERS is optim.OPTIMIZERS and train.SCHEDULES is optim.SCHEDULES
     model = tiny_model()
     opt = train.build_optimizer(model, {"name": "adam", "lr": 0.01, "betas": [0.8, 0.9], "eps": 1e-7, "weight_decay": 0.0})
     assert opt.config() == {"name": "adam", "lr": 0.01, "betas": [0.8, 0.9], "eps": 1e-7, "weight_decay": 0.0}
@@ -302,10 +329,10 @@ def test_dropout_on_the_default_generator_resumes_too(tmp_path, monkeypatch):
         rng = np.random.default_rng(0)
         return nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64, 3, rng=rng))
 
-    def trainer(path=None, on_step=None):
+    def trainer(path=None):
         model = model_with_default_dropout()
         return Trainer(model, optim.SGD(model, lr=0.1, momentum=0.5), tiny_dataset(), batch_size=8, seed=2,
-                       model_config=CONFIG, checkpoint_path=path, on_step=on_step)
+                       model_config=CONFIG, callbacks=[Checkpointing(path)] if path is not None else [])
 
     nn.manual_seed(123)
     straight = trainer()
@@ -321,3 +348,118 @@ def test_dropout_on_the_default_generator_resumes_too(tmp_path, monkeypatch):
     again.fit(2)
     for name, value in straight.model.state_dict().items():
         np.testing.assert_array_equal(again.model.state_dict()[name], value, err_msg=name)
+
+
+def test_a_nested_dropout_generator_is_found_by_its_dotted_name(tmp_path):
+    """Generators are found by walking the modules, so a Dropout inside a block resumes too."""
+
+    def trainer(path=None):
+        model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Dropout(0.3, rng=1), nn.Linear(64, 3, rng=0)))
+        return Trainer(model, optim.SGD(model, lr=0.1, momentum=0.5), tiny_dataset(), batch_size=8, seed=2,
+                       model_config=CONFIG, callbacks=[Checkpointing(path)] if path is not None else [])
+
+    straight = trainer()
+    straight.fit(2)
+    first = trainer(tmp_path / "n.safetensors")
+    first.fit(1)
+    ckpt = load_checkpoint(tmp_path / "n.safetensors")
+    assert set(ckpt.rng["layers"]) == {"1.0.rng"}
+    again = trainer()
+    again.restore(ckpt)
+    again.fit(2)
+    for name, value in straight.model.state_dict().items():
+        np.testing.assert_array_equal(again.model.state_dict()[name], value, err_msg=name)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class Recorder(Callback):
+    """Writes down every hook call as ``(hook, epoch, step)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, hook, trainer):
+        self.calls.append((hook, trainer.epoch, trainer.step))
+
+    def on_fit_start(self, trainer):
+        self._record("fit_start", trainer)
+
+    def on_epoch_start(self, trainer):
+        self._record("epoch_start", trainer)
+
+    def on_step_end(self, trainer):
+        self._record("step_end", trainer)
+
+    def on_epoch_end(self, trainer, result):
+        assert result is trainer.history[-1] and result.epoch == trainer.epoch
+        self._record("epoch_end", trainer)
+
+    def on_interrupt(self, trainer):
+        self._record("interrupt", trainer)
+
+    def on_fit_end(self, trainer):
+        self._record("fit_end", trainer)
+
+
+def test_callbacks_are_called_at_each_point_of_the_loop():
+    recorder = Recorder()
+    make_trainer(None, callbacks=[recorder]).fit(2)
+    steps = lambda epoch, first: [("step_end", epoch, s) for s in range(first, first + 5)]  # noqa: E731
+    assert recorder.calls == [
+        ("fit_start", 0, 0),
+        ("epoch_start", 0, 0), *steps(0, 1), ("epoch_end", 1, 5),
+        ("epoch_start", 1, 5), *steps(1, 6), ("epoch_end", 2, 10),
+        ("fit_end", 2, 10),
+    ]
+
+
+def test_ctrl_c_calls_on_interrupt_then_on_fit_end_and_an_error_calls_on_fit_end(tmp_path):
+    def interrupt_at_step_2(trainer):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+
+    recorder = Recorder()
+    with pytest.raises(TrainingInterrupted, match="nothing saved"):
+        make_trainer(None, on_step=interrupt_at_step_2, callbacks=[recorder]).fit(1)
+    assert recorder.calls[-3:] == [("step_end", 0, 2), ("interrupt", 0, 2), ("fit_end", 0, 2)]
+
+    def poison(trainer):
+        layer = trainer.model[6]
+        layer.params["weight"] = layer.params["weight"] * np.float32("nan")
+
+    recorder = Recorder()
+    with pytest.raises(NonFiniteLossError):
+        make_trainer(None, on_step=poison, callbacks=[recorder]).fit(1)
+    assert [c[0] for c in recorder.calls if c[0] != "step_end"] == ["fit_start", "epoch_start", "fit_end"]
+
+
+def test_checkpointing_only_on_ctrl_c_writes_nothing_per_epoch(tmp_path):
+    path = tmp_path / "stopped.safetensors"
+
+    def interrupt_at_step_7(trainer):
+        if trainer.step == 7:
+            raise KeyboardInterrupt
+
+    trainer = make_trainer(None, on_step=interrupt_at_step_7, callbacks=[Checkpointing(interrupt_path=path)])
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit(2)
+    assert info.value.checkpoint_path == path and f"checkpoint saved to {path}" in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert load_checkpoint(path).step == 7
+    with pytest.raises(ValueError, match="give a path"):
+        Checkpointing()
+
+
+def test_progress_bar_shows_the_epoch_and_the_numbers_read_back():
+    import io
+
+    out = io.StringIO()
+    trainer = make_trainer(None, callbacks=[ProgressBar(file=out, disable=False, mininterval=0, leave=True)])
+    trainer.fit(1)
+    text = out.getvalue()
+    assert "epoch 1/1" in text and "5/5" in text
+    assert "loss=" in text and "acc=" in text and "img/s=" in text
+    metrics = trainer.running_metrics()
+    assert metrics["seen"] == 40 and 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
