@@ -4,7 +4,9 @@ No test asserts a timing: the machine running CI is shared and slow. What is
 checked is that every configuration is measured and checked against the
 reference (native PyTorch where installed, our float64 NumPy code where not),
 that a wrong result is caught, that the JSON, the PNG and the table appear,
-and that the optional extras degrade with a message.
+that the optional extras (and the POSIX-only ``resource``) degrade with a
+message, that the per-layer breakdown goes through ``nn.layer_hook`` without
+touching the layers, and that the PyTorch mirror reproduces our models.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ import pytest
 
 from portable_cnn import backend as B
 from portable_cnn import bench, nn
+from portable_cnn.bench import breakdown, protocol, report, torch_mirror
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+ROOT = Path(bench.__file__).resolve().parents[2]
 # One step per repeat, one repeat, no time for more: the smallest run that goes through every stage.
 TINY = ["--repeats", "1", "--warmup", "1", "--repeat-seconds", "0.0001", "--max-seconds", "0", "--gap-seconds", "0", "--quiet"]
+
+
+def _python(*arguments, cwd):
+    """Run a fresh interpreter with ``arguments``, importing this checkout's portable_cnn."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120, check=False)
 
 
 def _run(tmp_path, *options):
@@ -112,10 +123,7 @@ def test_without_torch_checks_against_float64_numpy(tmp_path):
         "assert 'torch' not in {k.split('.')[0] for k in sys.modules if sys.modules[k] is not None}\n"
         "sys.exit(status)\n"
     )
-    root = Path(bench.__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-                            timeout=120, check=False)
+    result = _python("-c", script, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(json_path.read_text())
     assert data["environment"]["backends"] == ["numpy"] and data["environment"]["references"] == []
@@ -162,11 +170,106 @@ def test_breakdown_splits_the_step_and_counts_conv_flops(tmp_path, capsys):
     assert "breakdown: digits batch 8 on numpy" in out and "GFLOP/s" in out
 
 
+def test_without_the_resource_module_the_peak_rss_is_reported_unknown(tmp_path, capsys, monkeypatch):
+    """``resource`` is POSIX-only: where it is missing (Windows) the run goes on and says so."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # import raises ImportError
+    status, json_path, _ = _run(
+        tmp_path, "--nets", "digits", "--batch-sizes", "8", "--backends", "numpy", "--no-reference", "--modes", "infer",
+        "--plot", "",
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "process RSS not available on this platform" in out
+    assert [r["peak_rss_mb_process"] for r in json.loads(json_path.read_text())["results"]] == [None]
+
+
+def _nested_model() -> nn.Sequential:
+    """A conv net for 1x8x8 input with nested containers, as composite models have; shapes for N images."""
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.ReLU()),  # (N, 4, 8, 8)
+        nn.MaxPool2d(2),  # (N, 4, 4, 4)
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, rng=1), nn.BatchNorm2d(6), nn.Tanh()),  # (N, 6, 4, 4)
+        nn.Flatten(),  # (N, 96)
+        nn.Linear(96, 10, rng=2),
+    )
+
+
+def test_breakdown_times_the_leaves_through_the_layer_hook(monkeypatch):
+    """The breakdown goes through ``nn.layer_hook``, reaches into nested containers and replaces no method."""
+    installed = []
+    layer_hook = nn.layer_hook
+
+    def spy(hook):
+        installed.append(hook)
+        return layer_hook(hook)
+
+    monkeypatch.setattr(nn, "layer_hook", spy)
+    model = _nested_model()
+    x, labels = protocol.make_batch("digits", 6, "float32", seed=0)
+    result = breakdown.time_step_by_layer(model, x, labels, steps=1)
+
+    assert installed, "the breakdown did not time the layers through nn.layer_hook"
+    for name, module in model.named_modules():
+        assert "forward" not in vars(module) and "backward" not in vars(module), f"{name!r} was patched"
+    rows = {row["category"]: row for row in result["rows"]}
+    assert {"conv forward", "conv backward-data", "conv backward-weights", "pooling", "elementwise", "batch norm",
+            "linear", "loss", "optimizer"} <= set(rows)
+    first_conv, second_conv = 2 * 6 * 8 * 8 * 4 * 1 * 9, 2 * 6 * 4 * 4 * 6 * 4 * 9  # 2 N P Q K C R S
+    assert rows["conv forward"]["gflop"] == pytest.approx((first_conv + second_conv) / 1e9)
+    assert rows["conv backward-weights"]["gflop"] == pytest.approx((first_conv + second_conv) / 1e9)
+    # The first conv's input is the data: its backward computes no input gradient. (No GFLOP figure where
+    # timing noise on these tiny GEMMs made the weights-only call the slower one and left the data part 0 ms.)
+    if rows["conv backward-data"]["ms"] > 0:
+        assert rows["conv backward-data"]["gflop"] == pytest.approx(second_conv / 1e9)
+    assert rows["linear"]["gflop"] == pytest.approx(3 * 2 * 6 * 96 * 10 / 1e9)
+    assert result["conv_backward_split"] and result["loss_finite"]
+    assert sum(row["ms"] for row in result["rows"]) == pytest.approx(result["step_ms"])
+
+
+# Uneven hyperparameters, each given to our constructor and to torch.nn's: the mirror reads our layer's
+# attributes, so this is what catches a constructor that stores one argument under another's name.
+MIRRORED_LAYERS = [
+    ("Conv2d", (2, 3, (3, 2)), {"stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)}),
+    ("Conv2d", (2, 3, (1, 2)), {"bias": False}),
+    ("Linear", (5, 4), {}),
+    ("Linear", (5, 4), {"bias": False}),
+    ("MaxPool2d", ((3, 2),), {"stride": (1, 2), "padding": (1, 0)}),
+    ("AvgPool2d", ((2, 1),), {"stride": (2, 3), "padding": (1, 0)}),
+    ("BatchNorm2d", (6,), {"eps": 1e-3, "momentum": 0.2}),
+    ("Dropout", (0.3,), {}),
+    ("ReLU", (), {}),
+    ("Sigmoid", (), {}),
+    ("Tanh", (), {}),
+    ("Flatten", (), {}),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "kwargs"), MIRRORED_LAYERS,
+                         ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(MIRRORED_LAYERS)])
+def test_torch_mirror_of_a_layer_is_the_torch_layer_built_from_the_same_arguments(torch, name, args, kwargs):
+    mirrored = torch_mirror.torch_layer(torch, getattr(nn, name)(*args, **kwargs))
+    assert repr(mirrored) == repr(getattr(torch.nn, name)(*args, **kwargs))
+
+
+def test_torch_mirror_reproduces_a_nested_model(torch):
+    """The mirror has our state_dict keys and, with our float64 weights and statistics, our logits."""
+    model = _nested_model().to("numpy", "float64")
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8))
+    model.forward(x)  # training mode: BatchNorm's running statistics move off their initial values
+    mirror = torch_mirror.torch_model(torch, model, model.state_dict(), dtype="float64").eval()
+    assert list(mirror.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        expected = mirror(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.eval().forward(x), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="no torch.nn equivalent"):
+        torch_mirror.torch_layer(torch, nn.SoftmaxCrossEntropy())
+
+
 def test_stability_rule():
-    assert not bench._stable([1.0, 1.0], repeats=2, tol=0.02)  # fewer than 3 samples never counts as settled
-    assert bench._stable([1.0, 1.0, 1.0, 1.0], repeats=3, tol=0.02)
-    assert not bench._stable([1.0, 2.0, 3.0, 4.0], repeats=3, tol=0.02)
-    assert not bench._stable([1.0] * 5, repeats=7, tol=0.02)
+    assert not protocol.stable([1.0, 1.0], repeats=2, tol=0.02)  # fewer than 3 samples never counts as settled
+    assert protocol.stable([1.0, 1.0, 1.0, 1.0], repeats=3, tol=0.02)
+    assert not protocol.stable([1.0, 2.0, 3.0, 4.0], repeats=3, tol=0.02)
+    assert not protocol.stable([1.0] * 5, repeats=7, tol=0.02)
 
 
 def _record(net, mode, batch, backend, speedup=None):
@@ -181,7 +284,7 @@ def test_gpu_overtakes_cpu_is_the_first_batch_from_which_it_stays_ahead():
     for batch, speedup in ((32, 0.5), (128, 1.5), (256, 0.9), (512, 3.0), (1024, 6.0)):
         records += [_record("lenet", "train", batch, "numpy"), _record("lenet", "train", batch, "cupy", speedup)]
     records += [_record("lenet", "infer", 32, "numpy"), _record("lenet", "infer", 32, "cupy", 0.4)]
-    rows, overtakes = bench._gpu_comparison(records)
+    rows, overtakes = report.gpu_comparison(records)
     assert [row["batch_size"] for row in rows if row["mode"] == "train"] == [32, 128, 256, 512, 1024]
     by_mode = {o["mode"]: o["gpu_overtakes_cpu_at_batch"] for o in overtakes}
     assert by_mode == {"train": 512, "infer": None}
@@ -196,6 +299,21 @@ def test_add_bench_parser_registers_the_subcommand():
     assert args.repeats == 7 and args.json_path == "bench-results/bench.json"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--nets", "resnet"])
+
+
+def test_importing_the_package_loads_no_optional_module_and_help_works(tmp_path):
+    """``import portable_cnn.bench`` touches neither PyTorch, CuPy, matplotlib nor the POSIX-only ``resource``."""
+    script = (
+        "import sys\n"
+        "import portable_cnn.bench\n"
+        "print(sorted({'torch', 'cupy', 'matplotlib', 'resource'} & set(sys.modules)))\n"
+    )
+    result = _python("-c", script, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    for command in (["-m", "portable_cnn", "bench", "--help"], ["-m", "portable_cnn.bench", "--help"]):
+        result = _python(*command, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "--breakdown-backends" in result.stdout and "native PyTorch" in result.stdout
 
 
 def test_unavailable_backend_is_a_clear_error_through_the_command(capsys, monkeypatch):

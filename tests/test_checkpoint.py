@@ -138,7 +138,8 @@ def test_capture_copies_so_later_training_does_not_change_the_snapshot():
 def test_checkpoint_loads_into_the_equivalent_torch_sequential(tmp_path, torch):
     import safetensors.torch
 
-    tnn = torch.nn
+    from portable_cnn.bench import torch_mirror
+
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1, rng=0), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(4 * 4 * 4, 10, rng=0),
@@ -147,10 +148,7 @@ def test_checkpoint_loads_into_the_equivalent_torch_sequential(tmp_path, torch):
     sgd_steps(model, opt, 3)  # non-trivial weights and running statistics
     path = save_checkpoint(tmp_path / "t.safetensors", Checkpoint.capture(model, model_config={"name": "custom"}, optimizer=opt))
 
-    reference = tnn.Sequential(
-        tnn.Conv2d(1, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Flatten(), tnn.Linear(4 * 4 * 4, 10),
-    )
+    reference = torch_mirror.torch_model(torch, model)  # torch's own initial weights: the file's must replace them
     tensors = safetensors.torch.load_file(str(path))
     state = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     reference.load_state_dict(state, strict=True)

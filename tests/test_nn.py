@@ -42,20 +42,10 @@ def make_model(seed=0) -> nn.Sequential:
 
 
 def torch_model(torch):
-    """The same architecture in ``torch.nn``, layer for layer (so the state_dict keys match)."""
-    tnn = torch.nn
-    return tnn.Sequential(
-        tnn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
-        tnn.ReLU(),
-        tnn.MaxPool2d(2, stride=1),
-        tnn.AvgPool2d((2, 1), padding=(1, 0)),
-        tnn.Flatten(),
-        tnn.Linear(27, 5),
-        tnn.Sigmoid(),
-        tnn.Linear(5, 4),
-        tnn.Tanh(),
-        tnn.Linear(4, NUM_CLASSES),
-    )
+    """The same architecture in ``torch.nn``, layer for layer (so the state_dict keys match), torch's initial weights."""
+    from portable_cnn.bench import torch_mirror
+
+    return torch_mirror.torch_model(torch, make_model())
 
 
 def random_state(seed=1) -> dict:
