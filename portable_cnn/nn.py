@@ -32,7 +32,7 @@ from types import ModuleType
 import numpy as np
 
 from . import backend, ops
-from .ops._checks import pair
+from .geometry import pair
 from .ops.dropout import check_probability
 
 __all__ = [

@@ -297,7 +297,7 @@ def _conv_all_paths(cfg: ConvConfig) -> dict:
 @given(cfg=conv_configs(max_hw=7, max_kernel=4, max_nck=3))
 @_corner_cases
 def test_conv2d_numpy_fast_path_matches_standard_path(cfg):
-    """Sections 3-5: NumPy's channels-last conv2d/conv2d_backward early returns agree with the standard path."""
+    """Sections 3-5: NumPy's channels-last conv2d/conv2d_backward kernels agree with the reference."""
     xp = make_backend("numpy").xp
     assert dispatch.kernel("conv2d_forward", xp, np.dtype("float64")) is numpy_conv.conv2d_forward
     fast = _conv_all_paths(cfg)

@@ -424,3 +424,95 @@ def test_torch_trained_weights_load_into_ours(torch):
     model.load_state_dict({name: value.detach().numpy() for name, value in reference.state_dict().items()})
     x = model_input()
     np.testing.assert_allclose(model.forward(x), reference(torch.from_numpy(x)).detach().numpy(), **tol("float64"))
+
+
+# ----------------------------------------------------------------------- modules nest
+
+
+def _flat_and_nested(seed=5):
+    """The same network twice: flat, and with its middle in a nested Sequential (same weights)."""
+    def layers():
+        rng = np.random.default_rng(seed)
+        return [nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(48, 4, rng=rng)]
+
+    flat = nn.Sequential(*layers())
+    a, b, c, d, e = layers()
+    nested = nn.Sequential(a, nn.Sequential(b, nn.Sequential(c, d)), e)
+    return flat.to("numpy", "float64"), nested.to("numpy", "float64")
+
+
+def test_nested_sequential_names_state_like_torch():
+    _, nested = _flat_and_nested()
+    assert [name for name, _ in nested.named_modules()] == ["", "0", "1", "1.0", "1.1", "1.1.0", "1.1.1", "2"]
+    assert list(nested.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    deeper = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 3))))
+    assert list(deeper.state_dict()) == ["0.0.weight", "0.0.bias", "0.1.0.weight", "0.1.0.bias"]
+    assert [type(m).__name__ for m in deeper.children()] == ["Sequential"]
+
+
+def test_nested_sequential_trains_like_the_flat_one():
+    """Forward, backward (dx too) and every gradient of the nested model equal the flat model's."""
+    flat, nested = _flat_and_nested()
+    x = np.random.default_rng(0).standard_normal((3, 2, 8, 8))
+    dy = np.random.default_rng(1).standard_normal((3, 4))
+    np.testing.assert_array_equal(nested.forward(x), flat.forward(x))
+    np.testing.assert_array_equal(nested.backward(dy), flat.backward(dy))
+    pairs = list(zip(nested.named_parameters(), flat.named_parameters()))
+    assert [(a[0], b[0]) for a, b in pairs] == [("0.weight", "0.weight"), ("0.bias", "0.bias"), ("2.weight", "4.weight"),
+                                                ("2.bias", "4.bias")]
+    for (name, layer, key), (_, flat_layer, flat_key) in pairs:
+        np.testing.assert_array_equal(layer.grads[key], flat_layer.grads[flat_key], err_msg=name)
+    assert nested.backward(dy, need_input_grad=False) is None
+
+
+def test_nested_modes_moves_and_state_reach_every_level():
+    _, nested = _flat_and_nested()
+    nested.eval()
+    assert all(not m.training for _, m in nested.named_modules())
+    nested.train()
+    assert all(m.training for _, m in nested.named_modules())
+    nested.to("numpy", "float32")
+    assert {str(v.dtype) for v in nested.state_dict().values()} == {"float32"}
+    source, target = _flat_and_nested(seed=9)[1], _flat_and_nested(seed=2)[1]
+    target.load_state_dict(source.state_dict())
+    for key, value in source.state_dict().items():
+        np.testing.assert_array_equal(target.state_dict()[key], value)
+    with pytest.raises(KeyError, match=r"missing keys \['2.bias'\]"):
+        target.load_state_dict({k: v for k, v in source.state_dict().items() if k != "2.bias"})
+
+
+def test_every_module_backward_accepts_need_input_grad():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    for layer in [nn.ReLU(), nn.Sigmoid(), nn.Tanh(), nn.Flatten(), nn.MaxPool2d(2), nn.AvgPool2d(2),
+                  nn.BatchNorm2d(3).to("numpy", "float64"), nn.Dropout(0.5, rng=0),
+                  nn.Conv2d(3, 2, 1).to("numpy", "float64"), nn.Sequential(nn.ReLU())]:
+        y = layer.forward(x)
+        assert layer.backward(np.ones_like(y), need_input_grad=False) is None, layer
+        assert layer.backward(np.ones_like(y)).shape == x.shape, layer
+
+
+def test_layer_hook_sees_every_call_in_order_and_is_removed():
+    _, nested = _flat_and_nested()
+    calls = []
+
+    def hook(layer, direction, call):
+        calls.append((type(layer).__name__, direction))
+        return call()
+
+    x = np.zeros((1, 2, 8, 8))
+    with nn.layer_hook(hook):
+        nested.backward(nested.forward(x))
+    forward = [c for c, d in calls if d == "forward"]
+    assert forward == ["Conv2d", "Sequential", "ReLU", "Sequential", "MaxPool2d", "Flatten", "Linear"]
+    assert [c for c, d in calls if d == "backward"] == ["Linear", "Sequential", "Sequential", "Flatten", "MaxPool2d", "ReLU", "Conv2d"]
+    calls.clear()
+    nested.forward(x)
+    assert calls == []
+
+
+def test_error_names_are_formatted_once():
+    layer = nn.Linear(3, 2)
+    assert layer.where == repr(layer) == "Linear(in_features=3, out_features=2, bias=True)"
+    assert layer.where is layer.where
+    with pytest.raises(ValueError, match=r"^Linear\(in_features=3, out_features=2, bias=True\): expected input with 3"):
+        layer.forward(np.zeros((1, 4), dtype=np.float32))

@@ -4,22 +4,11 @@ Column layout ``"reference"``: the im2col matrix is ``(N*P*Q, C*R*S)``, row
 ``(n, p, q)`` holding the padded input patch under output ``(p, q)`` ordered
 ``(c, r, s)``, like ``weight.reshape(K, C*R*S)``.
 
-Forward (one GEMM)::
-
-    cols = im2col(x)                    # (N*P*Q, C*R*S)
-    y    = cols @ W2.T + bias           # (N*P*Q, K),  W2 = W.reshape(K, C*R*S)
-
-Backward (the two transposed GEMMs of the forward)::
-
-    dY2   = dy as (N*P*Q, K)
-    dW2   = dY2.T @ cols                # (K, C*R*S)
-    db    = sum of dY2 over rows        # (K,)
-    dcols = dY2 @ W2                    # (N*P*Q, C*R*S)
-    dx    = col2im(dcols)               # (N, C, H, W)
-
-col2im of ``dY2 @ W2`` equals the convolution of the stride-dilated, padded
-``dy`` with the kernel rotated by 180 degrees and its channel axes swapped
-(docs/derivation.md, section 5).
+The forward is one GEMM, ``y = cols @ W2.T + bias`` with ``W2 =
+W.reshape(K, C*R*S)``; the backward its two transposes, ``dW2 = dY2.T @
+cols`` and ``dx = col2im(dY2 @ W2)``, and ``db`` the column sums of ``dY2``
+(shapes in :mod:`portable_cnn.ops.conv`, derivation in docs/derivation.md,
+sections 3-5).
 
 A batch whose im2col matrix would exceed ``config workspace_mb`` is
 convolved in slices of the batch: the forward concatenates the slices'
