@@ -17,9 +17,12 @@ Metadata (string to string; every value is JSON)
     ``optimizer`` (its ``config()``), ``scheduler`` (its config and
     ``last_epoch``), ``train`` (batch size, seed, dtype, target epochs, ...),
     ``epoch`` (completed epochs), ``step`` (optimizer steps so far),
-    ``batch_in_epoch`` (batches done in an interrupted epoch), ``rng`` (NumPy
-    bit-generator states: data shuffling, dropout) and ``metrics`` (the last
-    evaluation).
+    ``batch_in_epoch`` (batches done in an interrupted epoch), ``epoch_sums``
+    (the training loss and accuracy sums of those batches, so that the
+    resumed epoch reports the metrics of the whole epoch; empty at an epoch
+    boundary; older checkpoints lack it and still load),
+    ``rng`` (NumPy bit-generator states: data shuffling, dropout) and
+    ``metrics`` (the last evaluation).
 
 The file is written to a temporary file in the target's directory, flushed
 and ``fsync``-ed, then renamed over the target with :func:`os.replace`, so a
@@ -103,6 +106,12 @@ class Checkpoint:
     epoch, step, batch_in_epoch : int
         Completed epochs, optimizer steps so far, batches done in the epoch
         that was interrupted (0 at an epoch boundary).
+    epoch_sums : dict
+        For an interrupted epoch, ``{"loss": sum of loss * batch size,
+        "correct": correct predictions, "seen": samples}`` over its
+        ``batch_in_epoch`` batches; empty otherwise, and in older checkpoints
+        (a run resumed from one reports that epoch's training metrics over
+        the batches after the resumption only).
     version : str
         The portable_cnn version that wrote it.
     path : pathlib.Path or None
@@ -121,6 +130,7 @@ class Checkpoint:
     epoch: int = 0
     step: int = 0
     batch_in_epoch: int = 0
+    epoch_sums: dict = field(default_factory=dict)
     version: str = __version__
     path: Path | None = None
 
@@ -225,6 +235,7 @@ class Checkpoint:
             "epoch": int(self.epoch),
             "step": int(self.step),
             "batch_in_epoch": int(self.batch_in_epoch),
+            "epoch_sums": self.epoch_sums,
         }
         metadata = {k: json.dumps(_jsonable(v)) for k, v in fields.items()}
         return tensors, metadata
@@ -264,6 +275,7 @@ class Checkpoint:
             optimizer=meta.get("optimizer"), scheduler=meta.get("scheduler"), data=meta.get("data") or {},
             train=meta.get("train") or {}, rng=meta.get("rng") or {}, metrics=meta.get("metrics") or {},
             epoch=int(meta["epoch"]), step=int(meta["step"]), batch_in_epoch=int(meta.get("batch_in_epoch", 0)),
+            epoch_sums=meta.get("epoch_sums") or {},
             version=meta.get("portable_cnn_version", "unknown"), path=Path(path) if path is not None else None,
         )
 

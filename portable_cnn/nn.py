@@ -32,8 +32,9 @@ from types import ModuleType
 import numpy as np
 
 from . import backend, ops
-from .geometry import pair
+from .geometry import AdaptivePoolGeometry, check_groups, pair
 from .ops.dropout import check_probability
+from .ops.softmax import check_loss_options
 
 __all__ = [
     "manual_seed",
@@ -42,13 +43,18 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "AvgPool2d",
+    "AdaptiveAvgPool2d",
     "ReLU",
     "Sigmoid",
     "Tanh",
     "Flatten",
     "Linear",
     "SoftmaxCrossEntropy",
+    "CrossEntropyLoss",
     "Sequential",
+    "Identity",
+    "Residual",
+    "BatchNorm1d",
     "BatchNorm2d",
     "Dropout",
 ]
@@ -272,12 +278,19 @@ class Module:
 class Conv2d(Module):
     """2-D convolution layer, as ``torch.nn.Conv2d``.
 
-    ``params["weight"]``: ``(out_channels, in_channels, R, S)``;
+    ``params["weight"]``: ``(out_channels, in_channels / groups, R, S)``;
     ``params["bias"]``: ``(out_channels,)``. ``forward`` maps
-    ``(N, in_channels, H, W)`` to ``(N, out_channels, P, Q)``.
+    ``(N, in_channels, H, W)`` to ``(N, out_channels, P, Q)``. With
+    ``groups`` > 1 the channels split into that many groups convolved apart
+    (both channel counts must divide by it); ``groups == in_channels`` is a
+    depthwise convolution, which NumPy and CuPy run with kernels of its own.
+
+    >>> Conv2d(8, 16, 3, padding=1, groups=8)
+    Conv2d(8, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=8, bias=True)
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *, rng=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True, *,
+                 rng=None):
         super().__init__()
         R, S = pair(kernel_size, "kernel_size", "Conv2d", minimum=1)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
@@ -285,26 +298,34 @@ class Conv2d(Module):
         self.stride = pair(stride, "stride", "Conv2d", minimum=1)
         self.padding = pair(padding, "padding", "Conv2d", minimum=0)
         self.dilation = pair(dilation, "dilation", "Conv2d", minimum=1)
-        fan_in = self.in_channels * R * S
-        self.params["weight"] = _he_normal(rng, (self.out_channels, self.in_channels, R, S), fan_in)
+        self.groups = check_groups(groups, "Conv2d")
+        for name, channels in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if channels % self.groups != 0:
+                raise ValueError(
+                    f"Conv2d: {name} must be divisible by groups, got {name}={channels}, groups={self.groups}"
+                )
+        fan_in = self.in_channels // self.groups * R * S  # the inputs one output sees, as torch's init counts them
+        self.params["weight"] = _he_normal(rng, self._param_shapes()["weight"], fan_in)
         if bias:
             self.params["bias"] = np.zeros(self.out_channels, dtype=np.float32)
         self._cache = None
         self._workspace = {}  # scratch buffers the op reuses from step to step
 
     def _param_shapes(self):
-        return {"weight": (self.out_channels, self.in_channels) + self.kernel_size, "bias": (self.out_channels,)}
+        weight = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        return {"weight": weight, "bias": (self.out_channels,)}
 
     def extra_repr(self):
+        groups = f", groups={self.groups}" if self.groups != 1 else ""  # shown only when not 1, as torch does
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={'bias' in self.params}"
+            f"padding={self.padding}, dilation={self.dilation}{groups}, bias={'bias' in self.params}"
         )
 
     def forward(self, x):
         self._check_param_shapes()
         y, cols = ops.conv2d(
-            x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation,
+            x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation, self.groups,
             return_cols=True, workspace=self._workspace, where=self.where,
         )
         # Training keeps the im2col matrix for dW; evaluation keeps only x.
@@ -314,7 +335,7 @@ class Conv2d(Module):
     def backward(self, dy, need_input_grad=True):
         x, cols = self._cache
         dx, self.grads["weight"], db = ops.conv2d_backward(
-            dy, x, self.params["weight"], self.stride, self.padding, self.dilation,
+            dy, x, self.params["weight"], self.stride, self.padding, self.dilation, self.groups,
             cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,
             workspace=self._workspace, where=self.where,
         )
@@ -324,7 +345,11 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """Fully connected layer, as ``torch.nn.Linear``: ``params["weight"]`` is ``(out_features, in_features)``."""
+    """Fully connected layer, as ``torch.nn.Linear``: ``params["weight"]`` is ``(out_features, in_features)``.
+
+    Acts on the last axis: ``(N, *, in_features)`` to ``(N, *, out_features)``,
+    and an unbatched ``(in_features,)`` to ``(out_features,)``.
+    """
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None):
         super().__init__()
@@ -356,12 +381,13 @@ class Linear(Module):
 
 
 class _Pool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__()
         name = type(self).__name__
         self.kernel_size = pair(kernel_size, "kernel_size", name, minimum=1)
         self.stride = pair(stride, "stride", name, minimum=1) if stride is not None else self.kernel_size
         self.padding = pair(padding, "padding", name, minimum=0)
+        self.ceil_mode = bool(ceil_mode)
         self._cache = None
 
     def extra_repr(self):
@@ -369,10 +395,25 @@ class _Pool2d(Module):
 
 
 class MaxPool2d(_Pool2d):
-    """Max pooling, as ``torch.nn.MaxPool2d``; the gradient goes to the first maximum of each window."""
+    """Max pooling, as ``torch.nn.MaxPool2d``; the gradient goes to the first maximum of each window.
+
+    ``(N, C, H, W)`` or ``(C, H, W)`` to ``(N, C, P, Q)`` or ``(C, P, Q)``;
+    ``ceil_mode`` (keyword-only here: torch's ``return_indices`` precedes it)
+    keeps a last, partial window (:func:`portable_cnn.ops.max_pool2d`).
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, *, ceil_mode=False):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.dilation = pair(dilation, "dilation", type(self).__name__, minimum=1)
+
+    def _options(self):
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, dilation={self.dilation}, ceil_mode={self.ceil_mode}"
 
     def forward(self, x):
-        y, argmax = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, where=self.where)
+        y, argmax = ops.max_pool2d(x, *self._options(), where=self.where)
         self._cache = (tuple(x.shape), argmax)
         return y
 
@@ -380,21 +421,70 @@ class MaxPool2d(_Pool2d):
         if not need_input_grad:
             return None
         x_shape, argmax = self._cache
-        return ops.max_pool2d_backward(dy, argmax, x_shape, self.kernel_size, self.stride, self.padding, where=self.where)
+        return ops.max_pool2d_backward(dy, argmax, x_shape, *self._options(), where=self.where)
 
 
 class AvgPool2d(_Pool2d):
-    """Average pooling, as ``torch.nn.AvgPool2d`` (padding counts in the divisor)."""
+    """Average pooling, as ``torch.nn.AvgPool2d`` (``ceil_mode``, ``count_include_pad``, ``divisor_override``).
+
+    ``(N, C, H, W)`` or ``(C, H, W)`` to ``(N, C, P, Q)`` or ``(C, P, Q)``;
+    the divisor rule is :func:`portable_cnn.ops.avg_pool2d`'s. The ``repr``
+    shows what torch's shows: kernel size, stride and padding.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+        self.divisor_override = divisor_override
+
+    def _options(self):
+        return (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                self.divisor_override)
 
     def forward(self, x):
-        y = ops.avg_pool2d(x, self.kernel_size, self.stride, self.padding, where=self.where)
+        y = ops.avg_pool2d(x, *self._options(), where=self.where)
         self._cache = tuple(x.shape)
         return y
 
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.avg_pool2d_backward(dy, self._cache, self.kernel_size, self.stride, self.padding, where=self.where)
+        return ops.avg_pool2d_backward(dy, self._cache, *self._options(), where=self.where)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Adaptive average pooling, as ``torch.nn.AdaptiveAvgPool2d``: ``(N, C, H, W)`` to ``(N, C, P, Q)``, any H, W.
+
+    ``output_size`` is an int or a pair whose ``None`` entries keep that
+    input size; it is stored as a pair. ``AdaptiveAvgPool2d(1)`` is global
+    average pooling, run by its own, cheaper kernels
+    (:func:`portable_cnn.ops.global_avg_pool2d`). Unbatched ``(C, H, W)``
+    inputs give ``(C, P, Q)``.
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> nn.AdaptiveAvgPool2d(1).forward(np.ones((2, 3, 4, 4))).shape
+    (2, 3, 1, 1)
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        AdaptivePoolGeometry.of((1, 1, 1, 1), output_size, type(self).__name__)  # the checks, now
+        self.output_size = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+        self._x_shape = None
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+    def forward(self, x):
+        self._x_shape = tuple(x.shape)
+        return ops.adaptive_avg_pool2d(x, self.output_size, where=self.where)
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        return ops.adaptive_avg_pool2d_backward(dy, self._x_shape, self.output_size, where=self.where)
 
 
 class ReLU(Module):
@@ -450,26 +540,71 @@ class Flatten(Module):
 
 
 class SoftmaxCrossEntropy(Module):
-    """Softmax followed by mean cross-entropy on integer labels.
+    """Softmax followed by cross-entropy, as ``torch.nn.CrossEntropyLoss`` (also available by that name).
 
-    ``forward(logits, labels)`` returns the 0-d loss; ``backward()`` returns
-    ``dL/dlogits = (softmax(logits) - onehot(labels)) / N``. ``validate=False``
-    skips the label-range check, which costs a host sync on a GPU.
+    ``forward(logits, target)`` returns the loss: logits ``(N, K)``,
+    ``(N, K, d1, ...)`` or ``(K,)``; ``target`` integer class labels (the
+    logits' shape without the class axis) or probabilities (the logits'
+    shape). ``backward(dloss=1.0)`` returns ``dL/dlogits``, by default
+    ``(softmax(logits) - onehot(labels)) / N``. The options are
+    :func:`portable_cnn.ops.softmax_cross_entropy`'s; ``weight`` ``(K,)`` is
+    a buffer, as in PyTorch: it is in this module's ``state_dict`` and moves
+    with :meth:`Module.to` (a model does not hold its loss, so a model's
+    ``state_dict`` is unchanged). ``validate=False`` skips the label-range
+    check, which costs a host sync on a GPU.
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> loss_fn = nn.CrossEntropyLoss(np.array([1.0, 3.0]), label_smoothing=0.1)
+    >>> loss_fn
+    SoftmaxCrossEntropy(weight=(2,), label_smoothing=0.1)
+    >>> round(float(loss_fn.forward(np.zeros((2, 2)), np.array([0, 1]))), 6)
+    0.693147
+    >>> loss_fn.backward().shape
+    (2, 2)
     """
 
-    def __init__(self, *, validate: bool = True):
+    def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, validate: bool = True):
         super().__init__()
+        name = type(self).__name__
+        self.ignore_index, self.reduction, self.label_smoothing = check_loss_options(
+            ignore_index, reduction, label_smoothing, name
+        )
+        if weight is not None:
+            backend.namespace(weight, where=f"{name}: weight")
+            self.buffers["weight"] = weight
         self.validate = validate
         self._cache = None
 
-    def forward(self, logits, labels):
-        loss, probs = ops.softmax_cross_entropy(logits, labels, validate=self.validate, where=self.where)
-        self._cache = (probs, labels)
+    def extra_repr(self):
+        weight = self.buffers.get("weight")
+        options = [] if weight is None else [f"weight={tuple(weight.shape)}"]
+        if self.ignore_index != -100:
+            options.append(f"ignore_index={self.ignore_index}")
+        if self.reduction != "mean":
+            options.append(f"reduction={self.reduction!r}")
+        if self.label_smoothing:
+            options.append(f"label_smoothing={self.label_smoothing}")
+        return ", ".join(options)
+
+    def _options(self):
+        return {
+            "weight": self.buffers.get("weight"), "ignore_index": self.ignore_index, "reduction": self.reduction,
+            "label_smoothing": self.label_smoothing, "where": self.where,
+        }
+
+    def forward(self, logits, target):
+        loss, probs = ops.softmax_cross_entropy(logits, target, validate=self.validate, **self._options())
+        self._cache = (probs, target)
         return loss
 
     def backward(self, dloss=1.0):
-        probs, labels = self._cache
-        return ops.softmax_cross_entropy_backward(probs, labels, dloss)
+        probs, target = self._cache
+        return ops.softmax_cross_entropy_backward(probs, target, dloss, **self._options())
+
+
+#: ``torch.nn``'s name for :class:`SoftmaxCrossEntropy`.
+CrossEntropyLoss = SoftmaxCrossEntropy
 
 
 class Sequential(Module):
@@ -525,16 +660,181 @@ class Sequential(Module):
         return dy
 
 
-class BatchNorm2d(Module):
-    """Batch normalisation over channels, as ``torch.nn.BatchNorm2d``.
+class Identity(Module):
+    """``x`` unchanged, as ``torch.nn.Identity``; the gradient passes through unchanged too. :class:`Residual`'s plain shortcut."""
 
-    ``params``: ``weight`` (ones) and ``bias`` (zeros), ``(num_features,)``.
-    ``buffers``: ``running_mean`` (zeros), ``running_var`` (ones) and
-    ``num_batches_tracked`` (int64, shape ``()``), PyTorch's names, so a
-    ``state_dict`` loads into ``torch.nn.BatchNorm2d`` unchanged. In training
-    mode ``forward`` normalises with the batch statistics and updates the
-    running ones; in evaluation mode it uses the running ones.
-    ``(N, C, H, W)`` in and out.
+    def forward(self, x):
+        return x
+
+    def backward(self, dy, need_input_grad=True):
+        return dy if need_input_grad else None
+
+
+class Residual(Module):
+    """``body(x) + shortcut(x)``, the sum of a residual block; ``shortcut=None`` is the identity.
+
+    The children are named ``body`` and ``shortcut`` (an :class:`Identity`
+    when none is given), so ``state_dict`` names read ``"3.body.0.weight"``
+    and ``"3.shortcut.1.running_mean"``. Both branches must give the same
+    shape; a projection shortcut (a strided 1x1 ``Conv2d`` and a
+    ``BatchNorm2d``) makes them agree when the body changes it.
+
+    Backward: ``x`` fans out to both branches, so ``dL/dx`` is the sum of what
+    each branch sends back for the same ``dy`` (docs/derivation.md,
+    section 13). Both branches always backpropagate, since their parameters
+    need gradients; ``need_input_grad=False`` is passed on to both (a
+    ``Conv2d`` at the front of either then skips only its input gradient)
+    and the sum is skipped.
+
+    ResNet's basic block is ``relu(body(x) + shortcut(x))``: the ReLU after
+    the sum is a layer of its own, in a ``Sequential``:
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> block = nn.Sequential(
+    ...     nn.Residual(
+    ...         nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+    ...                       nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+    ...         shortcut=nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8)),
+    ...     ),
+    ...     nn.ReLU(),
+    ... )
+    >>> y = block.forward(np.ones((2, 4, 8, 8), dtype=np.float32))
+    >>> y.shape, block.backward(np.ones_like(y)).shape
+    ((2, 8, 4, 4), (2, 4, 8, 8))
+    >>> [name for name in block.state_dict() if name.endswith("weight")]
+    ['0.body.0.weight', '0.body.1.weight', '0.body.3.weight', '0.body.4.weight', '0.shortcut.0.weight', '0.shortcut.1.weight']
+
+    The ``torch.nn`` equivalent, which :mod:`portable_cnn.bench.torch_mirror`
+    builds, is a module with the same two children::
+
+        class Residual(torch.nn.Module):
+            def __init__(self, body, shortcut):
+                super().__init__()
+                self.body, self.shortcut = body, shortcut
+
+            def forward(self, x):
+                return self.body(x) + self.shortcut(x)
+    """
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        if not isinstance(body, Module):
+            raise TypeError(f"Residual: body must be a portable_cnn.nn.Module, got {type(body).__name__}")
+        if shortcut is not None and not isinstance(shortcut, Module):
+            raise TypeError(f"Residual: shortcut must be a portable_cnn.nn.Module or None, got {type(shortcut).__name__}")
+        self.body = body
+        self.shortcut = Identity() if shortcut is None else shortcut
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._children.items())
+        return f"Residual({inner}\n)"
+
+    def forward(self, x):
+        body = _call_child(self.body, "forward", self.body.forward, x)
+        shortcut = _call_child(self.shortcut, "forward", self.shortcut.forward, x)
+        if tuple(body.shape) != tuple(shortcut.shape):
+            # A sum would broadcast silently, and the backward would then be wrong.
+            raise ValueError(
+                f"Residual: body output shape {tuple(body.shape)} does not match shortcut output shape "
+                f"{tuple(shortcut.shape)} (input shape {tuple(x.shape)})"
+            )
+        return body + shortcut
+
+    def backward(self, dy, need_input_grad=True):
+        """Send ``dy`` into both branches; return the sum of what reaches the input (``None`` with ``need_input_grad=False``)."""
+        dx_body = _call_child(self.body, "backward", self.body.backward, dy, need_input_grad=need_input_grad)
+        dx_shortcut = _call_child(self.shortcut, "backward", self.shortcut.backward, dy, need_input_grad=need_input_grad)
+        return dx_body + dx_shortcut if need_input_grad else None
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over channels (axis 1), as ``torch.nn``'s ``_BatchNorm``: the options and state of both layers.
+
+    ``params`` (with ``affine=True``): ``weight`` (ones) and ``bias`` (zeros),
+    ``(num_features,)``. ``buffers`` (with ``track_running_stats=True``):
+    ``running_mean`` (zeros), ``running_var`` (ones) and
+    ``num_batches_tracked`` (int64, shape ``()``). The names are PyTorch's,
+    so a ``state_dict`` loads into the ``torch.nn`` layer of the same options
+    unchanged. In training mode ``forward`` normalises with the batch
+    statistics and updates the running ones (``momentum=None``: their
+    cumulative mean, weight ``1 / num_batches_tracked``, which reads the
+    counter back to the host); in evaluation mode it uses the running ones,
+    or the batch's without them.
+    """
+
+    _layouts: dict = {}  # input ndim -> its axes, as errors name them
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.num_features = int(num_features)
+        if self.num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features!r}")
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        if self.affine:
+            self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
+            self.params["bias"] = np.zeros(self.num_features, dtype=np.float32)
+        if self.track_running_stats:
+            self.buffers["running_mean"] = np.zeros(self.num_features, dtype=np.float32)
+            self.buffers["running_var"] = np.ones(self.num_features, dtype=np.float32)
+            self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+        self._cache = None
+
+    def _param_shapes(self):
+        return {"weight": (self.num_features,), "bias": (self.num_features,)}
+
+    def extra_repr(self):
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def forward(self, x):
+        if x.ndim not in self._layouts:
+            dims, layouts = " or ".join(str(n) for n in self._layouts), " or ".join(self._layouts.values())
+            raise ValueError(f"{self.where}: expected input of {dims} dimensions {layouts}, got shape {tuple(x.shape)}")
+        self._check_param_shapes()
+        updating = self.training and self.track_running_stats
+        momentum = self.momentum
+        if updating and momentum is None:
+            momentum = 1.0 / (int(self.buffers["num_batches_tracked"]) + 1)
+        y, self._cache, running_mean, running_var = ops.batch_norm(
+            x, self.params.get("weight"), self.params.get("bias"), self.buffers.get("running_mean"),
+            self.buffers.get("running_var"), training=self.training, momentum=momentum, eps=self.eps, where=self.where,
+        )
+        if updating:
+            self.buffers["running_mean"], self.buffers["running_var"] = running_mean, running_var
+            self.buffers["num_batches_tracked"] = self.buffers["num_batches_tracked"] + 1
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        dx, dweight, dbias = ops.batch_norm_backward(dy, self._cache)
+        if self.affine:
+            self.grads["weight"], self.grads["bias"] = dweight, dbias
+        return dx if need_input_grad else None
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of ``(N, C)`` or ``(N, C, L)`` input, as ``torch.nn.BatchNorm1d``.
+
+    Statistics per channel ``C``, over ``N`` (and ``L``); options and state:
+    :class:`_BatchNorm`.
+
+    >>> import numpy as np
+    >>> from portable_cnn import nn
+    >>> bn = nn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    >>> y = bn.forward(np.random.default_rng(0).normal(5.0, 2.0, (8, 3)))
+    >>> bool(np.abs(y.mean(axis=0)).max() < 1e-12), sorted(bn.state_dict())
+    (True, [])
+    """
+
+    _layouts = {2: "(N, C)", 3: "(N, C, L)"}
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of ``(N, C, H, W)`` input, as ``torch.nn.BatchNorm2d``; options and state: :class:`_BatchNorm`.
 
     >>> import numpy as np
     >>> from portable_cnn import nn
@@ -542,41 +842,11 @@ class BatchNorm2d(Module):
     >>> y = bn.forward(np.random.default_rng(0).normal(5.0, 2.0, (4, 3, 2, 2)).astype(np.float32))
     >>> bool(abs(y.mean()) < 1e-5), int(bn.buffers["num_batches_tracked"])
     (True, 1)
+    >>> sorted(bn.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
-        super().__init__()
-        self.num_features = int(num_features)
-        if self.num_features < 1:
-            raise ValueError(f"BatchNorm2d: num_features must be positive, got {num_features!r}")
-        self.eps, self.momentum = float(eps), float(momentum)
-        self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
-        self.params["bias"] = np.zeros(self.num_features, dtype=np.float32)
-        self.buffers["running_mean"] = np.zeros(self.num_features, dtype=np.float32)
-        self.buffers["running_var"] = np.ones(self.num_features, dtype=np.float32)
-        self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
-        self._cache = None
-
-    def _param_shapes(self):
-        return {"weight": (self.num_features,), "bias": (self.num_features,)}
-
-    def extra_repr(self):
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
-
-    def forward(self, x):
-        self._check_param_shapes()
-        y, self._cache, running_mean, running_var = ops.batch_norm2d(
-            x, self.params["weight"], self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
-            training=self.training, momentum=self.momentum, eps=self.eps, where=self.where,
-        )
-        if self.training:
-            self.buffers["running_mean"], self.buffers["running_var"] = running_mean, running_var
-            self.buffers["num_batches_tracked"] = self.buffers["num_batches_tracked"] + 1
-        return y
-
-    def backward(self, dy, need_input_grad=True):
-        dx, self.grads["weight"], self.grads["bias"] = ops.batch_norm2d_backward(dy, self._cache)
-        return dx if need_input_grad else None
+    _layouts = {4: "(N, C, H, W)"}
 
 
 class Dropout(Module):

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: The model each dataset trains by default (an ``npz`` dataset: by image size, see :class:`Run`).
-DEFAULT_MODEL = {"digits": "digits", "mnist": "lenet", "cifar10": "vgg-small"}
+DEFAULT_MODEL = {"digits": "digits", "mnist5k": "lenet", "mnist": "lenet", "cifar10": "vgg-small"}
 
 #: Defaults of a run's settings; ``lr`` and ``weight_decay`` depend on the
 #: optimizer. Chosen so that the default run (the digits net on
@@ -85,9 +85,12 @@ TRAIN_DEFAULTS = {
     "log_every": 10,
 }
 
-#: The split of datasets that ship without one (digits, a plain .npz): fixed,
-#: so that the test set is the same for every seed and for ``eval``.
+#: The split of datasets that ship without one (digits, mnist5k, a plain
+#: .npz): fixed, so that the test set is the same for every seed and for ``eval``.
 SPLIT = {"test_fraction": 0.2, "seed": 0}
+
+# The datasets that take SPLIT.
+_SPLIT_DATASETS = ("digits", "mnist5k", "npz")
 
 DTYPES = ("float32", "float64")
 
@@ -141,7 +144,7 @@ def load_data(dataset: str | None = None, data=None, checkpoint: Checkpoint | No
         Its per-channel mean and std normalise the images (those the model
         was trained with, not new ones), and its split is used when it was
         trained on the same dataset. Without one: the training split's
-        statistics, and the fixed :data:`SPLIT` for ``digits`` and ``npz``.
+        statistics, and the fixed :data:`SPLIT` for ``digits``, ``mnist5k`` and ``npz``.
 
     Returns
     -------
@@ -157,7 +160,7 @@ def load_data(dataset: str | None = None, data=None, checkpoint: Checkpoint | No
         dataset = _infer_dataset(data)
     saved = checkpoint.data if checkpoint is not None else {}
     split = (saved.get("split") if saved.get("name") == dataset else None) or SPLIT
-    kwargs = dict(split) if dataset in ("digits", "npz") else {}
+    kwargs = dict(split) if dataset in _SPLIT_DATASETS else {}
     try:
         ds = load_dataset(dataset, data, **kwargs)
     except (OSError, ValueError, ImportError, TypeError) as exc:
@@ -465,7 +468,7 @@ class Run:
         self.model.to(self.backend, cfg.dtype)
         self.optimizer_config, self.scheduler_config = cfg.optimizer_config(), cfg.scheduler_config()
         data_config = {"name": cfg.dataset, "path": str(Path(cfg.data).resolve()) if cfg.data is not None else None,
-                       "split": SPLIT if cfg.dataset in ("digits", "npz") else None,
+                       "split": SPLIT if cfg.dataset in _SPLIT_DATASETS else None,
                        "mean": ds.mean, "std": ds.std, "input_shape": list(ds.input_shape)}
         train_config = {"epochs": cfg.epochs, "base_lr": cfg.lr, "backend": self.backend}
         checkpointing = Checkpointing(cfg.checkpoint,

@@ -293,9 +293,15 @@ class Trainer:
         return any(hasattr(module, "rng") and module.rng is None for _, module in self.model.named_modules())
 
     def checkpoint(self) -> Checkpoint:
-        """A snapshot of the run as it stands (arrays copied to the host); needs ``model_config``."""
+        """A snapshot of the run as it stands (arrays copied to the host); needs ``model_config``.
+
+        Inside an epoch it holds the epoch's loss and accuracy sums so far, so
+        a run resumed from it reports the same epoch metrics as one that
+        never stopped; the losses not yet read back are read first.
+        """
         if self.model_config is None:
             raise ValueError("Trainer: saving a checkpoint needs model_config (the model's name and constructor arguments)")
+        self._read_back()
         rng = {
             "shuffle": generator_state(self.shuffle_rng),
             "layers": {k: generator_state(g) for k, g in self._generators().items()},
@@ -310,10 +316,12 @@ class Trainer:
         train = dict(self.train_config, batch_size=self.batch_size, seed=self.seed, dtype=self.dtype,
                      log_every=self.log_every, lr=float(self.optimizer.lr))
         metrics = self.history[-1].as_dict() if self.history else {}
+        loss_sum, correct_sum, seen = self._sums
+        epoch_sums = {"loss": loss_sum, "correct": correct_sum, "seen": seen} if self.batch_in_epoch else {}
         return Checkpoint.capture(
             self.model, model_config=self.model_config, optimizer=self.optimizer, scheduler=scheduler,
             data=self.data_config, train=train, rng=rng, metrics=metrics,
-            epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
+            epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch, epoch_sums=epoch_sums,
         )
 
     def save(self, path) -> Path:
@@ -337,6 +345,10 @@ class Trainer:
         self._epoch_start_state = rng.get("shuffle_epoch_start") if self.batch_in_epoch else None
         if self.batch_in_epoch and self._epoch_start_state is None:
             raise ValueError(f"{ckpt._where()}: stopped inside epoch {ckpt.epoch + 1} but holds no shuffle state to resume it")
+        # The interrupted epoch's sums so far; a checkpoint from before they
+        # were kept has none, and that epoch's metrics then cover the rest of it.
+        sums = ckpt.epoch_sums if self.batch_in_epoch else {}
+        self._sums = [float(sums.get("loss", 0.0)), float(sums.get("correct", 0.0)), int(sums.get("seen", 0))]
         generators = self._generators()
         for name, state in rng.get("layers", {}).items():
             if name in generators:

@@ -231,11 +231,22 @@ def test_breakdown_times_the_leaves_through_the_layer_hook(monkeypatch):
 MIRRORED_LAYERS = [
     ("Conv2d", (2, 3, (3, 2)), {"stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)}),
     ("Conv2d", (2, 3, (1, 2)), {"bias": False}),
+    ("Conv2d", (4, 6, 3), {"padding": 1, "groups": 2}),
+    ("Conv2d", (4, 8, (3, 1)), {"stride": 2, "groups": 4, "bias": False}),  # depthwise, channel multiplier 2
     ("Linear", (5, 4), {}),
     ("Linear", (5, 4), {"bias": False}),
-    ("MaxPool2d", ((3, 2),), {"stride": (1, 2), "padding": (1, 0)}),
+    ("MaxPool2d", ((3, 2),), {"stride": (1, 2), "padding": (1, 0), "dilation": (1, 1)}),
+    ("MaxPool2d", ((3, 2),), {"stride": (2, 1), "padding": (0, 1), "dilation": (2, 1), "ceil_mode": True}),
     ("AvgPool2d", ((2, 1),), {"stride": (2, 3), "padding": (1, 0)}),
+    ("AvgPool2d", ((3, 2),), {"stride": (2, 1), "padding": (1, 0), "ceil_mode": True, "count_include_pad": False,
+                              "divisor_override": 5}),
+    ("AdaptiveAvgPool2d", ((3, None),), {}),
+    ("AdaptiveAvgPool2d", ((1, 1),), {}),
     ("BatchNorm2d", (6,), {"eps": 1e-3, "momentum": 0.2}),
+    ("BatchNorm2d", (6,), {"momentum": None, "affine": False}),
+    ("BatchNorm1d", (5,), {"eps": 1e-3, "momentum": 0.2}),
+    ("BatchNorm1d", (5,), {"affine": False, "track_running_stats": False}),
+    ("Identity", (), {}),
     ("Dropout", (0.3,), {}),
     ("ReLU", (), {}),
     ("Sigmoid", (), {}),
@@ -248,7 +259,13 @@ MIRRORED_LAYERS = [
                          ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(MIRRORED_LAYERS)])
 def test_torch_mirror_of_a_layer_is_the_torch_layer_built_from_the_same_arguments(torch, name, args, kwargs):
     mirrored = torch_mirror.torch_layer(torch, getattr(nn, name)(*args, **kwargs))
-    assert repr(mirrored) == repr(getattr(torch.nn, name)(*args, **kwargs))
+    expected = getattr(torch.nn, name)(*args, **kwargs)
+    assert repr(mirrored) == repr(expected)
+
+    def hyperparameters(module):  # what the repr may leave out (AvgPool2d's shows neither ceil_mode nor the divisor)
+        return {key: value for key, value in vars(module).items() if not key.startswith("_")}
+
+    assert hyperparameters(mirrored) == hyperparameters(expected)
 
 
 def test_torch_mirror_reproduces_a_nested_model(torch):
@@ -263,6 +280,28 @@ def test_torch_mirror_reproduces_a_nested_model(torch):
     np.testing.assert_allclose(model.eval().forward(x), expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="no torch.nn equivalent"):
         torch_mirror.torch_layer(torch, nn.SoftmaxCrossEntropy())
+
+
+def test_torch_mirror_reproduces_residual_blocks(torch):
+    """A Residual mirrors to a torch module with children body and shortcut: our keys, and our logits in evaluation."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, rng=0),  # (N, 4, 8, 8)
+        nn.Sequential(nn.Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, rng=1), nn.BatchNorm2d(4))), nn.ReLU()),
+        nn.Residual(nn.Conv2d(4, 6, 3, stride=2, padding=1, rng=2),
+                    shortcut=nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False, rng=3), nn.BatchNorm2d(6))),  # (N, 6, 4, 4)
+        nn.Flatten(),  # (N, 96)
+        nn.BatchNorm1d(96, momentum=None),
+        nn.Linear(96, 10, rng=4),
+    ).to("numpy", "float64")
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8))
+    model.forward(x)  # training mode: the running statistics move off their initial values
+    mirror = torch_mirror.torch_model(torch, model, model.state_dict(), dtype="float64").eval()
+    assert list(mirror.state_dict()) == list(model.state_dict())
+    assert "1.0.body.1.running_mean" in mirror.state_dict() and "2.shortcut.0.weight" in mirror.state_dict()
+    assert isinstance(mirror[1][0].shortcut, torch.nn.Identity)
+    with torch.no_grad():
+        expected = mirror(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.eval().forward(x), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_stability_rule():
@@ -340,3 +379,23 @@ def test_cupy_against_numpy_and_cudnn(tmp_path, capsys):
     assert data["environment"]["tf32"]["enabled"] is False
     if "pytorch-cuda" in data["environment"]["references"]:
         assert all(r["ratio_to_reference"]["reference"] == "pytorch-cuda" for r in cupy_rows)
+
+
+def test_the_batchnorm_nets_are_measured_and_checked(tmp_path, capsys):
+    """resnet20 and mobilenet-small: a training step checked against the reference; the breakdown files every leaf.
+
+    (Inference in evaluation mode is checked against torch.nn in tests/test_models.py.)
+    """
+    status, json_path, _ = _run(tmp_path, "--nets", "resnet20,mobilenet-small", "--batch-sizes", "2", "--backends", "numpy",
+                                "--modes", "train", "--plot", "", "--breakdown", "--breakdown-steps", "1")
+    out = capsys.readouterr().out
+    assert status == 0, out
+    data = json.loads(json_path.read_text())
+    nets = ("resnet20", "mobilenet-small")
+    assert {r["net"] for r in data["results"]} == set(nets)
+    assert all(r["check"]["ok"] for r in data["results"])
+    for result in data["breakdown"]:
+        rows = {row["category"] for row in result["rows"]}
+        # Global average pooling is pooling, the identity shortcut elementwise: nothing falls into "other".
+        assert {"conv backward-data", "batch norm", "pooling"} <= rows and "other" not in rows, result["net"]
+    assert [result["net"] for result in data["breakdown"]] == list(nets)

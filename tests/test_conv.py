@@ -16,15 +16,17 @@ from gradcheck import assert_grad_close, numerical_grad, projected_loss
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from portable_cnn import config_context, dispatch
+from portable_cnn import config_context, dispatch, nn
 from portable_cnn.geometry import ConvGeometry
 from portable_cnn.kernels.numpy import conv as numpy_conv
+from portable_cnn.kernels.numpy import depthwise as numpy_depthwise
+from portable_cnn.kernels.numpy import parallel as numpy_parallel
 from portable_cnn.kernels.reference import conv as reference_conv
 from portable_cnn.ops import col2im, conv2d, conv2d_backward, im2col, out_size
 
 
 class ConvConfig(NamedTuple):
-    """One convolution problem in the seed's notation (plus N, C, K and dilation)."""
+    """One convolution problem in the seed's notation (plus N, C, K, dilation and the groups G)."""
 
     N: int
     C: int
@@ -40,10 +42,17 @@ class ConvConfig(NamedTuple):
     dh: int
     dw: int
     seed: int = 0
+    G: int = 1
 
     @property
     def options(self) -> dict:
+        """The window options (what im2col takes too)."""
         return {"stride": (self.u, self.v), "padding": (self.a, self.b), "dilation": (self.dh, self.dw)}
+
+    @property
+    def conv_options(self) -> dict:
+        """The options of conv2d, torch's F.conv2d and their backwards: the window options and ``groups``."""
+        return {**self.options, "groups": self.G}
 
     @property
     def P(self) -> int:
@@ -57,7 +66,7 @@ class ConvConfig(NamedTuple):
         """Float64 ``x, w, b, dy`` drawn from this config's seed."""
         rng = np.random.default_rng(self.seed)
         x = rng.standard_normal((self.N, self.C, self.H, self.W))
-        w = rng.standard_normal((self.K, self.C, self.R, self.S))
+        w = rng.standard_normal((self.K, self.C // self.G, self.R, self.S))
         b = rng.standard_normal(self.K)
         dy = rng.standard_normal((self.N, self.K, self.P, self.Q))
         return x, w, b, dy
@@ -165,13 +174,23 @@ def test_conv2d_is_cross_correlation_and_rotation_gives_convolution():
 # ---------------------------------------------------------------- sections 3-5: forward and gradients
 
 
-def _run(backend, cfg: ConvConfig, dtype: str):
-    """Forward and backward of ``cfg`` on ``backend`` in ``dtype``; everything returned as NumPy."""
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """The (N, C, H, W) array ``a`` as a view of channels-last (N, H, W, C) memory, as our layers pass activations."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _run(backend, cfg: ConvConfig, dtype: str, layout: str = "contiguous"):
+    """Forward and backward of ``cfg`` on ``backend`` in ``dtype``; everything returned as NumPy.
+
+    ``layout="channels_last"`` hands x and dy over as views of channels-last memory.
+    """
     x, w, b, dy = (np.asarray(t, dtype=dtype) for t in cfg.arrays())
+    if layout == "channels_last":
+        x, dy = channels_last(x), channels_last(dy)
     X, Wt, Bt, DY = (backend.asarray(t) for t in (x, w, b, dy))
-    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.options)
-    dx, dw, db = conv2d_backward(DY, X, Wt, cols=cols, **cfg.options)
-    dx_recomputed, _, no_db = conv2d_backward(DY, X, Wt, has_bias=False, **cfg.options)
+    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.conv_options)
+    dx, dw, db = conv2d_backward(DY, X, Wt, cols=cols, **cfg.conv_options)
+    dx_recomputed, _, no_db = conv2d_backward(DY, X, Wt, has_bias=False, **cfg.conv_options)
     assert no_db is None
     np.testing.assert_array_equal(backend.to_numpy(dx_recomputed), backend.to_numpy(dx))
     for name, t in {"y": y, "dx": dx, "dw": dw, "db": db}.items():
@@ -205,11 +224,15 @@ def test_conv2d_forward_is_im2col_gemm():
 @_corner_cases
 def test_conv2d_gradients_match_central_differences(backend, cfg):
     """Sections 4-5: dW = dY2.T @ cols, db = sum dY2, dX = col2im(dY2 @ W2), against float64 differences."""
+    _check_central_differences(backend, cfg)
+
+
+def _check_central_differences(backend, cfg: ConvConfig):
     x, w, b, dy = cfg.arrays()
     got = _run(backend, cfg, "float64")
 
     def loss_of(x_, w_, b_):
-        y = conv2d(backend.asarray(x_), backend.asarray(w_), backend.asarray(b_), **cfg.options)
+        y = conv2d(backend.asarray(x_), backend.asarray(w_), backend.asarray(b_), **cfg.conv_options)
         return projected_loss(backend.to_numpy, dy)(y)
 
     assert_grad_close(got["dx"], numerical_grad(lambda t: loss_of(t, w, b), x), "dx")
@@ -223,6 +246,10 @@ def test_conv2d_gradients_match_central_differences(backend, cfg):
 @_corner_cases
 def test_conv2d_parity_across_backends(backend, dtype, cfg):
     """Sections 3-5: every backend gives NumPy's y, dx, dW and db in float64 and float32."""
+    _check_parity(backend, dtype, cfg)
+
+
+def _check_parity(backend, dtype, cfg: ConvConfig):
     reference = _run(make_backend("numpy"), cfg, dtype)
     got = _run(backend, cfg, dtype)
     for name in reference:
@@ -235,10 +262,14 @@ def test_conv2d_parity_across_backends(backend, dtype, cfg):
 @_corner_cases
 def test_conv2d_matches_torch(torch, dtype, cfg):
     """Sections 3-5: y, dx, dW, db equal torch.nn.functional.conv2d and its autograd."""
+    _check_against_torch(torch, dtype, cfg)
+
+
+def _check_against_torch(torch, dtype, cfg: ConvConfig, layout="contiguous"):
     F = torch.nn.functional
-    got = _run(make_backend("numpy"), cfg, dtype)
+    got = _run(make_backend("numpy"), cfg, dtype, layout)
     x, w, b, dy = (torch.tensor(np.asarray(t, dtype=dtype), requires_grad=True) for t in cfg.arrays())
-    y = F.conv2d(x, w, b, **cfg.options)
+    y = F.conv2d(x, w, b, **cfg.conv_options)
     y.backward(dy.detach())
     expected = {"y": y, "dx": x.grad, "dw": w.grad, "db": b.grad}
     for name, t in expected.items():
@@ -250,11 +281,15 @@ def test_conv2d_matches_torch(torch, dtype, cfg):
 @_corner_cases
 def test_conv2d_does_not_modify_inputs(backend, cfg):
     """Forward + backward leave x, W, b and dy as they were (numpy-readonly also forbids any write)."""
+    _check_inputs_unmodified(backend, cfg)
+
+
+def _check_inputs_unmodified(backend, cfg: ConvConfig):
     originals = cfg.arrays()
     X, Wt, Bt, DY = (backend.asarray(t) for t in originals)
-    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.options)
-    conv2d_backward(DY, X, Wt, cols=cols, **cfg.options)
-    conv2d_backward(DY, X, Wt, **cfg.options)
+    y, cols = conv2d(X, Wt, Bt, return_cols=True, **cfg.conv_options)
+    conv2d_backward(DY, X, Wt, cols=cols, **cfg.conv_options)
+    conv2d_backward(DY, X, Wt, **cfg.conv_options)
     for name, before, after in zip(("x", "w", "b", "dy"), originals, (X, Wt, Bt, DY)):
         np.testing.assert_array_equal(backend.to_numpy(after), before, err_msg=name)
 
@@ -285,10 +320,10 @@ def test_public_im2col_col2im_are_the_reference_on_every_backend(cfg):
 def _conv_all_paths(cfg: ConvConfig) -> dict:
     """y and every gradient through each entry point: cached or recomputed cols, with and without dx/db."""
     x, w, b, dy = cfg.arrays()
-    y, cols = conv2d(x, w, b, return_cols=True, **cfg.options)
-    dx, dw, db = conv2d_backward(dy, x, w, cols=cols, **cfg.options)
-    dx2, dw2, db2 = conv2d_backward(dy, x, w, **cfg.options)
-    none_dx, dw3, none_db = conv2d_backward(dy, x, w, has_bias=False, need_input_grad=False, **cfg.options)
+    y, cols = conv2d(x, w, b, return_cols=True, **cfg.conv_options)
+    dx, dw, db = conv2d_backward(dy, x, w, cols=cols, **cfg.conv_options)
+    dx2, dw2, db2 = conv2d_backward(dy, x, w, **cfg.conv_options)
+    none_dx, dw3, none_db = conv2d_backward(dy, x, w, has_bias=False, need_input_grad=False, **cfg.conv_options)
     assert none_dx is None and none_db is None
     return {"y": y, "dx": dx, "dw": dw, "db": db, "dx2": dx2, "dw2": dw2, "db2": db2, "dw3": dw3}
 
@@ -298,6 +333,10 @@ def _conv_all_paths(cfg: ConvConfig) -> dict:
 @_corner_cases
 def test_conv2d_numpy_fast_path_matches_standard_path(cfg):
     """Sections 3-5: NumPy's channels-last conv2d/conv2d_backward kernels agree with the reference."""
+    _check_fast_path_against_reference(cfg)
+
+
+def _check_fast_path_against_reference(cfg: ConvConfig):
     xp = make_backend("numpy").xp
     assert dispatch.kernel("conv2d_forward", xp, np.dtype("float64")) is numpy_conv.conv2d_forward
     fast = _conv_all_paths(cfg)
@@ -451,3 +490,247 @@ def test_conv2d_numpy_blocks_of_samples_match_standard_path(cfg, samples_per_blo
         standard = _conv_all_paths(cfg)
     for name in fast:
         np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
+
+
+# ---------------------------------------------------------------- section 5a: groups and depthwise
+
+
+@st.composite
+def grouped_conv_configs(draw, max_hw: int = 5, max_kernel: int = 3, max_groups: int = 3) -> ConvConfig:
+    """:func:`conv_configs` with ``G`` groups: ordinary (G = 1), grouped (C/G = 2) and depthwise (C/G = 1).
+
+    ``K/G``, the channel multiplier of a depthwise convolution, is 1 or 2.
+    """
+    cfg = draw(conv_configs(max_hw=max_hw, max_kernel=max_kernel))
+    G = draw(st.integers(1, max_groups))
+    in_per_group, out_per_group = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    return cfg._replace(C=G * in_per_group, K=G * out_per_group, G=G)
+
+
+# MobileNet's layer in small: depthwise (G = C), multiplier 1, 3x3, stride 2, padding 1.
+DEPTHWISE = ConvConfig(2, 4, 4, 7, 6, 3, 3, 2, 2, 1, 1, 1, 1, seed=5, G=4)
+# Depthwise, stride 1 (most of MobileNet's), uneven padding and dilation:
+DEPTHWISE_STRIDE_1 = ConvConfig(2, 4, 4, 6, 5, 3, 3, 1, 1, 1, 0, 1, 2, seed=10, G=4)
+# Depthwise with channel multiplier 2, dilation, uneven strides and paddings, rectangular kernel:
+DEPTHWISE_MULTIPLIER_2 = ConvConfig(2, 3, 6, 6, 7, 3, 2, 1, 2, 2, 0, 2, 1, seed=6, G=3)
+# Two groups of 3 input and 2 output channels, stride 1 (NumPy's dx as a convolution):
+GROUPED = ConvConfig(2, 6, 4, 5, 5, 2, 3, 1, 1, 1, 1, 1, 1, seed=7, G=2)
+# Two groups, strided with remainder rows (NumPy's dx by col2im):
+GROUPED_STRIDED = ConvConfig(2, 4, 6, 7, 5, 3, 2, 3, 2, 1, 2, 2, 1, seed=8, G=2)
+# An empty batch, depthwise:
+EMPTY_BATCH = ConvConfig(0, 4, 8, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, seed=9, G=4)
+GROUP_CASES = (DEPTHWISE, DEPTHWISE_STRIDE_1, DEPTHWISE_MULTIPLIER_2, GROUPED, GROUPED_STRIDED, EMPTY_BATCH)
+
+
+def _group_cases(test=None, *, one_sample=False, **others):
+    """The named group cases as hypothesis examples (with ``others``, the test's other arguments).
+
+    ``one_sample``: cut their batches to one sample, for tests that pay per input entry.
+    """
+    if test is None:
+        return lambda t: _group_cases(t, one_sample=one_sample, **others)
+    for cfg in GROUP_CASES:
+        test = example(cfg=cfg._replace(N=min(cfg.N, 1)) if one_sample else cfg, **others)(test)
+    return test
+
+
+def test_group_cases_are_what_their_names_say():
+    for cfg in (DEPTHWISE, DEPTHWISE_STRIDE_1, DEPTHWISE_MULTIPLIER_2, EMPTY_BATCH):
+        assert cfg.G == cfg.C > 1 and cfg.K % cfg.C == 0
+    assert (DEPTHWISE.K // DEPTHWISE.C, DEPTHWISE.u) == (1, 2)
+    c = DEPTHWISE_STRIDE_1
+    assert c.K == c.C and c.u == c.v == 1 and (c.a, c.dh) != (c.b, c.dw)
+    assert DEPTHWISE_MULTIPLIER_2.K // DEPTHWISE_MULTIPLIER_2.C == 2
+    for cfg in (GROUPED, GROUPED_STRIDED):
+        assert cfg.G > 1 and cfg.C // cfg.G > 1 and cfg.K % cfg.G == 0
+    assert GROUPED.u == GROUPED.v == 1 and GROUPED_STRIDED.u > 1 and EMPTY_BATCH.N == 0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=grouped_conv_configs(max_hw=7, max_kernel=4), layout=st.sampled_from(["contiguous", "channels_last"]))
+@_group_cases(layout="contiguous")
+@_group_cases(layout="channels_last")
+def test_grouped_conv2d_matches_torch(torch, dtype, cfg, layout):
+    """Section 5a: y, dx, dW, db of grouped and depthwise convolutions equal F.conv2d(groups=G) and its autograd."""
+    _check_against_torch(torch, dtype, cfg, layout)
+
+
+@settings(max_examples=4, **FIXTURE_SETTINGS)
+@given(cfg=grouped_conv_configs(max_hw=4))
+@_group_cases(one_sample=True)
+def test_grouped_conv2d_gradients_match_central_differences(backend, cfg):
+    """Section 5a: the per-group dW, db and dX against float64 central differences, on every backend."""
+    _check_central_differences(backend, cfg)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=6, **FIXTURE_SETTINGS)
+@given(cfg=grouped_conv_configs())
+@_group_cases
+def test_grouped_conv2d_parity_across_backends(backend, dtype, cfg):
+    """Section 5a: every backend gives NumPy's grouped and depthwise y, dx, dW and db, and none writes its inputs."""
+    _check_parity(backend, dtype, cfg)
+    _check_inputs_unmodified(backend, cfg)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cfg=grouped_conv_configs(max_hw=7, max_kernel=4))
+@_group_cases
+def test_grouped_conv2d_is_the_dense_convolution_with_a_block_diagonal_weight(cfg):
+    """Section 5a: groups are the dense convolution whose weight is zero between groups; dW is its diagonal blocks.
+
+    Built from the ungrouped conv2d alone: ``w`` scattered into the
+    ``(K, C, R, S)`` weight that is zero outside the ``G`` diagonal blocks,
+    and, independently, the concatenation of ``G`` convolutions of the
+    groups' channel slices.
+    """
+    x, w, b, dy = cfg.arrays()
+    G, Cg, Kg = cfg.G, cfg.C // cfg.G, cfg.K // cfg.G
+    dense = np.zeros((cfg.K, cfg.C, cfg.R, cfg.S))
+    for g in range(G):
+        dense[g * Kg : (g + 1) * Kg, g * Cg : (g + 1) * Cg] = w[g * Kg : (g + 1) * Kg]
+    y, dx, dw, db = _forward_backward(x, w, b, dy, cfg.conv_options)
+    y_dense, dx_dense, dw_dense, db_dense = _forward_backward(x, dense, b, dy, cfg.options)
+    dw_blocks = np.concatenate([dw_dense[g * Kg : (g + 1) * Kg, g * Cg : (g + 1) * Cg] for g in range(G)])
+    for got, want in ((y, y_dense), (dx, dx_dense), (dw, dw_blocks), (db, db_dense)):
+        np.testing.assert_allclose(got, want, **tol("float64"))
+    parts = [_forward_backward(x[:, g * Cg : (g + 1) * Cg], w[g * Kg : (g + 1) * Kg], b[g * Kg : (g + 1) * Kg],
+                               dy[:, g * Kg : (g + 1) * Kg], cfg.options) for g in range(G)]
+    for i, got in enumerate((y, dx, dw, db)):
+        np.testing.assert_allclose(got, np.concatenate([part[i] for part in parts], axis=1 if i < 2 else 0),
+                                   **tol("float64"))
+
+
+def _forward_backward(x, w, b, dy, options):
+    y = conv2d(x, w, b, **options)
+    return (y, *conv2d_backward(dy, x, w, **options))
+
+
+@settings(max_examples=20, deadline=None)
+@given(cfg=grouped_conv_configs(max_hw=7, max_kernel=4, max_groups=4))
+@_group_cases
+def test_grouped_conv2d_numpy_fast_path_matches_standard_path(cfg):
+    """Section 5a: NumPy's grouped GEMMs and its depthwise kernel agree with the reference's batched GEMMs."""
+    _check_fast_path_against_reference(cfg)
+
+
+@pytest.mark.parametrize("cfg", [c._replace(N=5) for c in GROUP_CASES[:5]],
+                         ids=["depthwise", "depthwise-stride-1", "multiplier-2", "grouped", "strided"])
+def test_grouped_conv2d_numpy_blocks_threads_and_slices_match_standard_path(cfg, monkeypatch):
+    """Section 5a: NumPy with one sample per block on two threads, and batches in slices, against the reference."""
+    monkeypatch.setattr(numpy_conv, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_depthwise, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_parallel, "_MIN_FLOPS_PER_THREAD", 1)  # threads even for these small problems
+    with config_context(num_threads=2):
+        fast = _conv_all_paths(cfg)
+    with config_context(workspace_mb=1e-9):  # below one sample: the reference convolves N slices
+        sliced = _conv_all_paths(cfg)
+        with config_context(fast_paths=False):
+            standard = _conv_all_paths(cfg)
+    for name in fast:
+        np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
+        np.testing.assert_allclose(sliced[name], standard[name], err_msg=name, **tol("float64"))
+
+
+def test_depthwise_conv2d_does_not_run_as_gemms_on_numpy(monkeypatch):
+    """groups == C reaches NumPy's depthwise kernel (no im2col); groups == C == 1 stays an ordinary convolution."""
+    calls = []
+    monkeypatch.setattr(numpy_depthwise, "forward", lambda *args: calls.append("forward") or np.zeros((2, 3, 3, 8)))
+    conv2d(np.zeros((2, 4, 5, 5)), np.zeros((8, 1, 3, 3)), groups=4)
+    conv2d(np.zeros((2, 1, 5, 5)), np.zeros((8, 1, 3, 3)), groups=1)
+    assert calls == ["forward"]
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups", "error", "message"),
+    [
+        ((1, 4, 5, 5), (4, 2, 3, 3), 0, ValueError, "conv2d: groups must be a positive integer, got 0"),
+        ((1, 4, 5, 5), (4, 2, 3, 3), 2.0, TypeError, "conv2d: groups must be a positive integer, got 2.0"),
+        ((1, 4, 5, 5), (4, 2, 3, 3), True, TypeError, "conv2d: groups must be a positive integer, got True"),
+        ((1, 4, 5, 5), (3, 2, 3, 3), 2, ValueError,
+         r"conv2d: expected weight with out channels divisible by groups=2, got weight shape \(3, 2, 3, 3\)"),
+        ((1, 4, 5, 5), (4, 1, 3, 3), 2, ValueError,
+         r"conv2d: expected input with 2 = 2 groups x 1 channels \(weight shape \(4, 1, 3, 3\)\), "
+         r"got 4 channels \(input shape \(1, 4, 5, 5\)\)"),
+        ((1, 6, 5, 5), (4, 1, 3, 3), 4, ValueError,  # 6 input channels do not split into 4 groups
+         r"conv2d: expected input with 4 = 4 groups x 1 channels \(weight shape \(4, 1, 3, 3\)\), "
+         r"got 6 channels \(input shape \(1, 6, 5, 5\)\)"),
+    ],
+)
+def test_conv2d_rejects_bad_groups_in_one_line(x_shape, w_shape, groups, error, message):
+    """A bad ``groups``: one line naming the argument, what was expected and what was given (forward and backward)."""
+    x, w = np.zeros(x_shape), np.zeros(w_shape)
+    with pytest.raises(error, match=f"^{message}$"):
+        conv2d(x, w, groups=groups)
+    with pytest.raises(error, match=f"^{message}$"):
+        conv2d_backward(np.zeros((1, w_shape[0], 3, 3)), x, w, groups=groups)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((6, 4, 3, 1, 0, 1, 4), "Conv2d: in_channels must be divisible by groups, got in_channels=6, groups=4"),
+        ((4, 6, 3, 1, 0, 1, 4), "Conv2d: out_channels must be divisible by groups, got out_channels=6, groups=4"),
+        ((4, 4, 3, 1, 0, 1, -1), "Conv2d: groups must be a positive integer, got -1"),
+    ],
+)
+def test_conv2d_layer_rejects_bad_groups_in_one_line(args, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        nn.Conv2d(*args)
+
+
+def test_grouped_conv2d_layer_shapes_init_repr_and_gradients():
+    """The layer: weight (K, C/G, R, S), He init over one output's C/G*R*S inputs, torch's repr, the op's numbers."""
+    layer = nn.Conv2d(64, 128, 3, padding=1, groups=32, rng=0)
+    weight = layer.params["weight"]
+    assert weight.shape == (128, 2, 3, 3)
+    assert np.std(weight) == pytest.approx(np.sqrt(2 / (2 * 3 * 3)), rel=0.1)
+    assert repr(layer) == ("Conv2d(64, 128, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), "
+                           "groups=32, bias=True)")
+    assert "groups" not in repr(nn.Conv2d(4, 4, 3))
+    depthwise = nn.Conv2d(4, 8, 3, stride=2, groups=4, bias=False, rng=1).to("numpy", "float64")
+    x = np.random.default_rng(2).standard_normal((2, 4, 7, 7))
+    y = depthwise.forward(x)
+    dy = np.cos(np.arange(y.size)).reshape(y.shape)
+    dx = depthwise.backward(dy)
+    want_dx, want_dw, _ = conv2d_backward(dy, x, depthwise.params["weight"], stride=2, groups=4, has_bias=False)
+    np.testing.assert_array_equal(y, conv2d(x, depthwise.params["weight"], stride=2, groups=4))
+    np.testing.assert_array_equal(dx, want_dx)
+    np.testing.assert_array_equal(depthwise.grads["weight"], want_dw)
+
+
+# ---------------------------------------------------------------- batch slices on backends without kernels
+
+
+@pytest.mark.parametrize("name", ["array_api_strict", "torch"])
+def test_conv2d_batch_slices_on_backends_without_kernels_match_one_gemm(name, monkeypatch):
+    """Sections 3-5: under the workspace limit the reference convolves one sample at a time on array_api_strict and PyTorch.
+
+    Those backends have no kernels of their own, so the reference's sliced
+    path (outputs concatenated, weight and bias gradients added over the
+    slices) is what runs there, as on any backend without a fast path.
+    """
+    backend = make_backend(name)
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal((5, 3, 7, 6)), rng.standard_normal((4, 3, 3, 2)), rng.standard_normal(4)
+    options = {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}
+
+    def run() -> dict:
+        X, Wt, Bt = (backend.asarray(t) for t in (x, w, b))
+        y = conv2d(X, Wt, Bt, **options)
+        dy = backend.asarray(np.cos(np.arange(math.prod(y.shape), dtype=np.float64)).reshape(tuple(y.shape)))
+        dx, dw, db = conv2d_backward(dy, X, Wt, **options)
+        return {key: backend.to_numpy(value) for key, value in {"y": y, "dx": dx, "dw": dw, "db": db}.items()}
+
+    unfolded = []  # the batch size of every im2col: one per slice
+    im2col_reference = reference_conv.im2col
+    monkeypatch.setattr(reference_conv, "im2col", lambda xp, x, g: unfolded.append(g.N) or im2col_reference(xp, x, g))
+    whole = run()
+    assert unfolded == [5, 5]
+    unfolded.clear()
+    with config_context(workspace_mb=1e-9):  # below one sample: slices of one
+        sliced = run()
+    assert unfolded == [1] * 10
+    for key in whole:
+        np.testing.assert_allclose(sliced[key], whole[key], err_msg=key, **tol("float64"))

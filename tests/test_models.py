@@ -1,8 +1,8 @@
-"""Reference networks: shapes, seeding, initialisation, and equality with the same ``torch.nn.Sequential``.
+"""Reference networks: shapes, seeding, initialisation, and equality with the same ``torch.nn`` network.
 
-The torch networks are written out here from the layer lists of issue 3, not
-derived from ours, so a wrong layer order, size or padding in
-``portable_cnn.models`` shows up as a key, shape or logit mismatch.
+The torch networks are written out here from the layer lists of issues 3
+and 10, not derived from ours, so a wrong layer order, size, stride or
+padding in ``portable_cnn.models`` shows up as a key, shape or logit mismatch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from conftest import tol
 
 from portable_cnn import backend as B
-from portable_cnn import data, models, nn, optim
+from portable_cnn import cli, data, models, nn, optim
+from portable_cnn.checkpoint import load_checkpoint
 
 # (name, in_channels, num_classes, input_size, output features of the flatten)
 CASES = [
@@ -24,6 +25,10 @@ CASES = [
     ("lenet", 3, 7, 32, 16 * 6 * 6),
     ("vgg-small", 3, 10, 32, 4096),
     ("vgg-small", 1, 4, (16, 24), 64 * 4 * 6),
+    ("resnet20", 1, 10, 8, 64),
+    ("resnet20", 3, 10, 32, 64),
+    ("mobilenet-small", 3, 10, 32, 256),
+    ("mobilenet-small", 1, 7, (8, 12), 256),
 ]
 
 
@@ -31,9 +36,53 @@ def _size(input_size):
     return (input_size, input_size) if isinstance(input_size, int) else input_size
 
 
-def torch_reference(torch, name, in_channels, num_classes, flat):
-    """The network as issue 3 lists it, layer for layer, in ``torch.nn``."""
+def torch_resnet20(torch, in_channels, num_classes):
+    """He et al.'s CIFAR ResNet-20 as issue 10 describes it, with projection shortcuts where the shape changes."""
     t = torch.nn
+
+    class Residual(t.Module):
+        def __init__(self, body, shortcut):
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    def block(c_in, c_out, stride):
+        body = t.Sequential(t.Conv2d(c_in, c_out, 3, stride, 1, bias=False), t.BatchNorm2d(c_out), t.ReLU(),
+                            t.Conv2d(c_out, c_out, 3, 1, 1, bias=False), t.BatchNorm2d(c_out))
+        if stride == 1 and c_in == c_out:
+            shortcut = t.Identity()
+        else:
+            shortcut = t.Sequential(t.Conv2d(c_in, c_out, 1, stride, bias=False), t.BatchNorm2d(c_out))
+        return t.Sequential(Residual(body, shortcut), t.ReLU())
+
+    stages = [t.Sequential(block(c_in, c_out, stride), block(c_out, c_out, 1), block(c_out, c_out, 1))
+              for c_in, c_out, stride in ((16, 16, 1), (16, 32, 2), (32, 64, 2))]
+    return [t.Conv2d(in_channels, 16, 3, padding=1, bias=False), t.BatchNorm2d(16), t.ReLU(), *stages,
+            t.AdaptiveAvgPool2d(1), t.Flatten(), t.Linear(64, num_classes)]
+
+
+def torch_mobilenet_small(torch, in_channels, num_classes):
+    """A 3x3 stem, five depthwise-separable blocks (32-64-128-128-256-256, strides 1 2 1 2 1), global pooling, linear."""
+    t = torch.nn
+
+    def separable(c_in, c_out, stride):
+        return t.Sequential(t.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), t.BatchNorm2d(c_in), t.ReLU(),
+                            t.Conv2d(c_in, c_out, 1, bias=False), t.BatchNorm2d(c_out), t.ReLU())
+
+    return [t.Conv2d(in_channels, 32, 3, padding=1, bias=False), t.BatchNorm2d(32), t.ReLU(),
+            separable(32, 64, 1), separable(64, 128, 2), separable(128, 128, 1), separable(128, 256, 2),
+            separable(256, 256, 1), t.AdaptiveAvgPool2d(1), t.Flatten(), t.Linear(256, num_classes)]
+
+
+def torch_reference(torch, name, in_channels, num_classes, flat):
+    """The network as issues 3 and 10 list it, layer for layer, in ``torch.nn``."""
+    t = torch.nn
+    if name == "resnet20":
+        return t.Sequential(*torch_resnet20(torch, in_channels, num_classes)).double()
+    if name == "mobilenet-small":
+        return t.Sequential(*torch_mobilenet_small(torch, in_channels, num_classes)).double()
     if name == "digits":
         layers = [t.Conv2d(in_channels, 16, 3, padding=1), t.ReLU(), t.Conv2d(16, 32, 3, padding=1), t.ReLU(), t.MaxPool2d(2),
                   t.Flatten(), t.Linear(flat, 64), t.ReLU(), t.Linear(64, num_classes)]
@@ -78,18 +127,54 @@ def test_model_equals_torch_sequential(case, torch):
     rng = np.random.default_rng(1)
     state = {k: B.to_numpy(v).astype(np.float64) + (0.1 * rng.standard_normal(v.shape) if k.endswith("bias") else 0) for k, v in state.items()}
     ours.to("numpy", "float64").load_state_dict(state)
-    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    # asarray: a 0-d num_batches_tracked comes out of the sum as a NumPy scalar.
+    theirs.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
     x = rng.standard_normal((2, in_channels, *_size(input_size)))
     with torch.no_grad():
         expected_logits = theirs(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(ours.forward(x), expected_logits, **tol("float64"))
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet-small"])
+def test_batchnorm_models_equal_torch_in_both_modes(name, torch):
+    """Every parameter and running statistic moved off its initial value; eval logits, then train-mode gradients."""
+    ours = models.build_model(name, in_channels=2, num_classes=5, input_size=(8, 6), seed=4).to("numpy", "float64")
+    theirs = torch_reference(torch, name, 2, 5, None)
+    rng = np.random.default_rng(5)
+    state = {}
+    for key, value in ours.state_dict().items():
+        value = B.to_numpy(value)
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 2.0, value.shape)
+        else:
+            state[key] = value + 0.1 * rng.standard_normal(value.shape)
+    ours.load_state_dict(state)
+    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    x = rng.standard_normal((3, 2, 8, 6))
+    with torch.no_grad():
+        expected = theirs.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours.eval().forward(x), expected, **tol("float64"))
+
+    dlogits = rng.standard_normal((3, 5))
+    ours.train().forward(x)
+    ours.backward(dlogits)
+    x_t = torch.from_numpy(x)
+    (theirs.train()(x_t) * torch.from_numpy(dlogits)).sum().backward()
+    grads = dict(theirs.named_parameters())
+    for pname, layer, key in ours.named_parameters():
+        np.testing.assert_allclose(layer.grads[key], grads[pname].grad.numpy(), **tol("float64"), err_msg=pname)
+
+
 def test_constructors_take_their_defaults():
     assert models.lenet().forward(np.zeros((1, 1, 28, 28), dtype=np.float32)).shape == (1, 10)
     assert models.digits_net().forward(np.zeros((1, 1, 8, 8), dtype=np.float32)).shape == (1, 10)
     assert models.vgg_small()[11].in_features == 4096
-    assert models.MODELS == {"digits": models.digits_net, "lenet": models.lenet, "vgg-small": models.vgg_small}
+    assert models.resnet20().forward(np.zeros((2, 3, 32, 32), dtype=np.float32)).shape == (2, 10)
+    assert models.mobilenet_small()[-1].in_features == 256
+    assert models.MODELS == {"digits": models.digits_net, "lenet": models.lenet, "vgg-small": models.vgg_small,
+                             "resnet20": models.resnet20, "mobilenet-small": models.mobilenet_small}
 
 
 def test_build_model_is_seeded():
@@ -105,9 +190,9 @@ def test_build_model_is_seeded():
     assert not np.array_equal(a["9.weight"][:10, :10], a["11.weight"][:10, :10])
 
 
-def test_he_initialisation():
+def test_he_initialisation_of_the_digits_net():
     """Weights N(0, 2 / fan_in), float32; biases zero."""
-    model = models.vgg_small(rng=0)
+    model = models.digits_net(input_size=32, rng=0)
     for pname, layer, key in model.named_parameters():
         value = B.to_numpy(layer.params[key])
         assert value.dtype == np.float32, pname
@@ -120,8 +205,41 @@ def test_he_initialisation():
             assert abs(value.mean()) < 5 * np.sqrt(2.0 / fan_in / value.size), pname  # 5 standard errors
 
 
+@pytest.mark.parametrize("name", [name for name in models.MODELS if name != "digits"])
+def test_torch_default_initialisation(name):
+    """The other nets start as torch.nn does: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm 1 and 0."""
+    model = models.build_model(name, in_channels=3, num_classes=10, input_size=32)
+    for pname, layer, key in model.named_parameters():
+        value = B.to_numpy(layer.params[key])
+        assert value.dtype == np.float32, pname
+        if isinstance(layer, nn.BatchNorm2d):
+            np.testing.assert_array_equal(value, 1.0 if key == "weight" else 0.0, err_msg=pname)
+            continue
+        # fan_in: what one output sees; a depthwise kernel sees 3x3 inputs of one channel, 9.
+        bound = 1 / np.sqrt(np.prod(layer.params["weight"].shape[1:]))
+        assert np.abs(value).max() <= bound, pname
+        if value.size >= 2_000:
+            # Uniform on [-b, b]: standard deviation b / sqrt(3), within 3%; both ends reached.
+            assert abs(value.std() / (bound / np.sqrt(3)) - 1) < 0.03, pname
+            assert value.min() < -0.95 * bound and value.max() > 0.95 * bound, pname
+    assert np.abs(B.to_numpy(model[-1].params["bias"])).min() > 0  # torch draws biases too
+
+
+def test_torch_default_init_matches_torchs_spread(torch):
+    """The same bounds as torch.nn's own Conv2d and Linear (grouped too), checked on the largest draw of each."""
+    torch.manual_seed(0)
+    for ours, theirs in [(nn.Conv2d(256, 256, 3, groups=8), torch.nn.Conv2d(256, 256, 3, groups=8)),
+                         (nn.Linear(300, 200), torch.nn.Linear(300, 200))]:
+        models.torch_default_init(ours, rng=0)
+        for key in ("weight", "bias"):
+            # 200 or more draws each: the largest lies within 3% of the bound.
+            expected = getattr(theirs, key).detach().abs().max().item()
+            assert abs(np.abs(ours.params[key]).max() / expected - 1) < 0.03, (ours, key)
+
+
 def test_build_model_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'; choose one of 'digits', 'lenet', 'vgg-small'"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'; choose one of 'digits', 'lenet', 'vgg-small', "
+                                         r"'resnet20', 'mobilenet-small'"):
         models.build_model("resnet", in_channels=1, num_classes=10, input_size=8)
     with pytest.raises(ValueError, match=r"lenet: input_size \(4, 4\) is too small"):
         models.build_model("lenet", in_channels=1, num_classes=10, input_size=4)
@@ -182,3 +300,29 @@ def test_digits_net_learns_the_digits():
             schedule.step()
     accuracy = float((model.eval().forward(ds.x_test).argmax(axis=1) == ds.y_test).mean())
     assert accuracy >= 0.97
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)], ids=["mnist", "cifar10"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet-small"])
+def test_batchnorm_models_train_from_the_command_line_in_float64(name, shape, tmp_path, capsys):
+    """MNIST- and CIFAR-10-shaped images (as an .npz), float64: one epoch, BatchNorm statistics saved."""
+    rng = np.random.default_rng(0)
+    path, ckpt = tmp_path / "images.npz", tmp_path / "run.safetensors"
+    np.savez(path, x=rng.integers(0, 256, (20, *shape), dtype=np.uint8), y=np.arange(20) % 4)
+    code = cli.main(["train", "--data", str(path), "--model", name, "--epochs", "1", "--batch-size", "8",
+                     "--dtype", "float64", "--backend", "numpy", "--quiet", "--checkpoint", str(ckpt)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    state = load_checkpoint(ckpt).model_state
+    assert state["0.weight"].dtype == np.float64 and state["1.num_batches_tracked"] == 2  # 16 train images, batches of 8
+    assert np.all(np.isfinite(state["1.running_var"])) and not np.allclose(state["1.running_mean"], 0)
+
+
+@pytest.mark.slow
+def test_resnet20_learns_the_digits_in_one_epoch(capsys):
+    """The default recipe cut to one epoch learns (chance is 10%); ten reach 97% (docs/benchmarks.md, "Default recipes")."""
+    pytest.importorskip("sklearn", reason="scikit-learn not installed: no digits dataset")
+    code = cli.main(["train", "--model", "resnet20", "--epochs", "1", "--backend", "numpy", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert float(out.split()[2].rstrip("%")) >= 50.0, out  # 69.4% when measured

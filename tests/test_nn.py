@@ -516,3 +516,227 @@ def test_error_names_are_formatted_once():
     assert layer.where is layer.where
     with pytest.raises(ValueError, match=r"^Linear\(in_features=3, out_features=2, bias=True\): expected input with 3"):
         layer.forward(np.zeros((1, 4), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------- residual blocks, Identity, Linear on more axes
+
+RES_X_SHAPE = (2, 2, 5, 5)  # (N, C, H, W)
+
+
+def make_residual_model(seed=0) -> nn.Sequential:
+    """ResNet's two basic blocks, the input feeding the first: a projection shortcut (stride 2, 1x1 conv + BN), then the identity."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(
+        nn.Sequential(
+            nn.Residual(
+                nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, rng=rng), nn.BatchNorm2d(3), nn.ReLU(),
+                              nn.Conv2d(3, 3, 3, padding=1, bias=False, rng=rng), nn.BatchNorm2d(3)),
+                shortcut=nn.Sequential(nn.Conv2d(2, 3, 1, stride=2, bias=False, rng=rng), nn.BatchNorm2d(3)),
+            ),  # (2, 3, 3, 3)
+            nn.ReLU(),
+        ),
+        nn.Sequential(nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 1, rng=rng), nn.BatchNorm2d(3))), nn.ReLU()),
+        nn.Flatten(),  # (2, 27)
+        nn.Linear(27, NUM_CLASSES, rng=rng),
+    )
+
+
+def residual_state(seed=1) -> dict:
+    """Float64 parameters (BatchNorm's away from 1 and 0) and the initial buffers of ``make_residual_model``."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, value in make_residual_model().state_dict().items():
+        shape = tuple(value.shape)
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            state[name] = np.array(value)
+        elif len(shape) == 1:  # biases, and BatchNorm's scale and shift
+            state[name] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, shape)
+        else:
+            state[name] = rng.standard_normal(shape) * 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def residual_numeric_gradients():
+    """Central differences of the loss w.r.t. the input and every parameter of the residual model (NumPy, float64)."""
+    model = make_residual_model().to("numpy", "float64")
+    model.load_state_dict(residual_state())
+    x = np.random.default_rng(2).standard_normal(RES_X_SHAPE)
+    loss_fn = nn.SoftmaxCrossEntropy()
+
+    def loss_at(x_value):
+        return float(loss_fn.forward(model.forward(x_value), LABELS))
+
+    grads = {"input": numerical_grad(loss_at, x)}
+    for name, layer, key in model.named_parameters():
+        original = layer.params[key]
+
+        def loss_of_param(value, layer=layer, key=key):
+            layer.params[key] = value
+            return loss_at(x)
+
+        grads[name] = numerical_grad(loss_of_param, original)
+        layer.params[key] = original
+    return x, grads
+
+
+def test_residual_gradients_match_central_differences(backend, residual_numeric_gradients):
+    """The fan-out's sum: dL/dx and every parameter's gradient (both branches, BatchNorm in training) on every backend."""
+    x, numeric = residual_numeric_gradients
+    model = make_residual_model().to(backend.xp, "float64")
+    model.load_state_dict(residual_state())
+    _, dx, grads = loss_and_grads(model, backend.asarray(x), backend.asarray(LABELS))
+    assert set(grads) == set(numeric) - {"input"}
+    assert any(".shortcut." in name for name in grads) and any(".body." in name for name in grads)
+    assert_grad_close(dx, numeric["input"], "input")
+    for name, grad in grads.items():
+        assert_grad_close(grad, numeric[name], name)
+
+
+def test_residual_model_matches_torch_through_the_mirror(backend, torch):
+    """Our residual model and the mirror's with our weights: logits, loss, dL/dx, every gradient and BatchNorm's buffers over two steps."""
+    from portable_cnn.bench import torch_mirror
+
+    model = make_residual_model().to("numpy", "float64")
+    model.load_state_dict(residual_state())
+    reference = torch_mirror.torch_model(torch, model, model.state_dict(), dtype="float64")
+    model.to(backend.xp)
+    assert list(reference.state_dict()) == list(model.state_dict())
+    f64 = tol("float64")
+    for seed in (3, 4):
+        x_np = np.random.default_rng(seed).standard_normal(RES_X_SHAPE)
+        x_t = torch.from_numpy(x_np.copy()).requires_grad_(True)
+        logits_t = reference(x_t)
+        loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(LABELS))
+        reference.zero_grad()
+        loss_t.backward()
+        loss, dx, grads = loss_and_grads(model, backend.asarray(x_np), backend.asarray(LABELS))
+        np.testing.assert_allclose(loss, loss_t.item(), **f64)
+        np.testing.assert_allclose(dx, x_t.grad.numpy(), **f64)
+        for name, p in reference.named_parameters():
+            np.testing.assert_allclose(grads[name], p.grad.numpy(), **f64, err_msg=name)
+        for name, value in reference.named_buffers():
+            np.testing.assert_allclose(B.to_numpy(model.state_dict()[name]), value.numpy(), **f64, err_msg=name)
+
+
+def test_residual_without_input_gradient_still_trains_both_branches(backend):
+    """need_input_grad=False reaches the first Conv2d of each branch, which still computes its weight gradient; None comes back."""
+    model = make_residual_model().to(backend.xp, "float64")
+    block = model[0][0]
+    x, dy = backend.asarray(np.random.default_rng(5).standard_normal(RES_X_SHAPE)), backend.asarray(np.ones((2, 3, 3, 3)))
+    told = []
+    for branch in (block.body[0], block.shortcut[0]):
+        original = branch.backward
+
+        def spy(dy, need_input_grad=True, original=original):
+            told.append(need_input_grad)
+            return original(dy, need_input_grad=need_input_grad)
+
+        branch.backward = spy
+    block.forward(x)
+    dx = block.backward(dy)
+    with_input = {name: B.to_numpy(layer.grads[key]).copy() for name, layer, key in block.named_parameters()}
+    block.forward(x)
+    assert block.backward(dy, need_input_grad=False) is None
+    assert told == [True, True, False, False]
+    assert tuple(dx.shape) == RES_X_SHAPE
+    for name, layer, key in block.named_parameters():
+        np.testing.assert_array_equal(B.to_numpy(layer.grads[key]), with_input[name], err_msg=name)
+
+
+def test_residual_state_dict_names_and_identity_shortcut():
+    model = make_residual_model()
+    names = list(model.state_dict())
+    assert names[:3] == ["0.0.body.0.weight", "0.0.body.1.weight", "0.0.body.1.bias"]
+    assert "0.0.shortcut.0.weight" in names and "0.0.shortcut.1.num_batches_tracked" in names
+    assert not any(name.startswith("1.0.shortcut") for name in names)  # an Identity has no state
+    block = model[1][0]
+    assert isinstance(block.shortcut, nn.Identity)
+    assert [name for name, _ in block.named_modules()] == ["", "body", "body.0", "body.1", "shortcut"]
+    assert repr(block).startswith("Residual(\n  (body): Sequential(\n    (0): Conv2d(3, 3") and repr(block).endswith("(shortcut): Identity()\n)")
+
+
+def test_residual_rejects_branches_of_different_shapes_and_non_modules():
+    block = nn.Residual(nn.Conv2d(2, 3, 1, rng=0))  # the identity gives 2 channels, the body 3
+    with pytest.raises(ValueError, match=r"^Residual: body output shape \(1, 3, 4, 4\) does not match shortcut output shape "
+                                         r"\(1, 2, 4, 4\) \(input shape \(1, 2, 4, 4\)\)$"):
+        block.forward(np.ones((1, 2, 4, 4), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"^Residual: body must be a portable_cnn.nn.Module, got function$"):
+        nn.Residual(lambda x: x)
+    with pytest.raises(TypeError, match=r"^Residual: shortcut must be a portable_cnn.nn.Module or None, got int$"):
+        nn.Residual(nn.ReLU(), 3)
+
+
+def test_layer_hook_sees_both_branches_of_a_residual():
+    block = nn.Residual(nn.Sequential(nn.Linear(3, 3, rng=0), nn.ReLU()))
+    calls = []
+
+    def hook(layer, direction, call):
+        calls.append((type(layer).__name__, direction))
+        return call()
+
+    with nn.layer_hook(hook):
+        block.backward(block.forward(np.ones((2, 3), dtype=np.float32)))
+    assert [c for c, d in calls if d == "forward"] == ["Sequential", "Linear", "ReLU", "Identity"]
+    assert [c for c, d in calls if d == "backward"] == ["Sequential", "ReLU", "Linear", "Identity"]
+
+
+def test_identity_passes_values_and_gradients_through(backend, torch):
+    from portable_cnn.bench import torch_mirror
+
+    layer = nn.Identity()
+    x, dy = backend.asarray(np.arange(6.0).reshape(2, 3)), backend.asarray(np.ones((2, 3)))
+    assert layer.forward(x) is x and layer.backward(dy) is dy
+    assert layer.backward(dy, need_input_grad=False) is None
+    assert layer.state_dict() == {} and repr(layer) == "Identity()"
+    assert isinstance(torch_mirror.torch_layer(torch, layer), torch.nn.Identity)
+
+
+LINEAR_INPUTS = {
+    "(N, *, in)": lambda rng: rng.standard_normal((2, 3, 5)),
+    "(N, *, *, in)": lambda rng: rng.standard_normal((2, 1, 4, 5)),
+    "unbatched (in,)": lambda rng: rng.standard_normal(5),
+    "empty batch": lambda rng: rng.standard_normal((0, 3, 5)),
+    "strided last axis": lambda rng: rng.standard_normal((3, 4, 10))[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_INPUTS))
+def test_linear_on_leading_axes_and_unbatched_matches_torch(backend, torch, case):
+    """torch.nn.Linear's shapes: the last axis is the features, every other a batch axis; gradients sum over all of them."""
+    rng = np.random.default_rng(6)
+    x_np = LINEAR_INPUTS[case](rng)
+    layer = nn.Linear(5, 4, rng=rng).to(backend.xp, "float64")
+    layer.params["bias"] = backend.asarray(rng.standard_normal(4))
+    reference = torch.nn.Linear(5, 4).double()
+    reference.load_state_dict({k: torch.from_numpy(B.to_numpy(v).copy()) for k, v in layer.state_dict().items()})
+    x_t = torch.from_numpy(x_np.copy()).requires_grad_(True)
+    y_t = reference(x_t)
+    dy_np = rng.standard_normal(tuple(y_t.shape))
+    y_t.backward(torch.from_numpy(dy_np))
+    y = layer.forward(backend.asarray(x_np))
+    dx = layer.backward(backend.asarray(dy_np))
+    f64 = tol("float64")
+    assert tuple(y.shape) == tuple(y_t.shape) and tuple(dx.shape) == x_np.shape
+    np.testing.assert_allclose(B.to_numpy(y), y_t.detach().numpy(), **f64)
+    np.testing.assert_allclose(B.to_numpy(dx), x_t.grad.numpy(), **f64)
+    for key in ("weight", "bias"):
+        np.testing.assert_allclose(B.to_numpy(layer.grads[key]), getattr(reference, key).grad.numpy(), **f64, err_msg=key)
+
+
+def test_linear_gradients_on_leading_axes_match_central_differences(backend):
+    rng = np.random.default_rng(7)
+    x, w, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4)), rng.standard_normal(2)
+    dy = rng.standard_normal((2, 3, 2))
+
+    def loss(x=x, w=w, b=b):
+        return float(np.sum(B.to_numpy(ops.linear(backend.asarray(x), backend.asarray(w), backend.asarray(b))) * dy))
+
+    dx, dw, db = ops.linear_backward(backend.asarray(dy), backend.asarray(x), backend.asarray(w))
+    assert_grad_close(B.to_numpy(dx), numerical_grad(lambda v: loss(x=v), x), "x")
+    assert_grad_close(B.to_numpy(dw), numerical_grad(lambda v: loss(w=v), w), "weight")
+    assert_grad_close(B.to_numpy(db), numerical_grad(lambda v: loss(b=v), b), "bias")
+    with pytest.raises(ValueError, match=r"^Linear\(in_features=4, .*\): expected input of at least 1 dimension \(\*, in_features\), got shape \(\)$"):
+        nn.Linear(4, 2).forward(np.float32(1.0).reshape(()))
+    with pytest.raises(ValueError, match=r"expected output gradient of shape \(2, 3, 2\), got \(6, 2\)"):
+        ops.linear_backward(backend.asarray(dy.reshape(6, 2)), backend.asarray(x), backend.asarray(w))

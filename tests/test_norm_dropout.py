@@ -1,15 +1,23 @@
-"""BatchNorm2d and Dropout: ops and layers, on every backend.
+"""BatchNorm1d, BatchNorm2d and Dropout: ops and layers, on every backend.
 
 BatchNorm is checked against float64 central differences (training mode,
-where the gradient runs through the batch statistics, and evaluation mode)
-and against ``torch.nn.BatchNorm2d``: outputs, gradients and the running
-statistics over several training steps, then evaluation. Dropout is random,
-so it is checked by its mask: the kept values are scaled by ``1 / (1 - p)``,
-the gradient is the same mask, ``p = 0`` and evaluation are the identity, the
-drop rate is ``p`` on a large array, and one seed gives one mask.
+where the gradient runs through the batch statistics, and evaluation mode) on
+``(N, C)``, ``(N, C, L)`` and ``(N, C, H, W)`` input with and without the
+affine parameters and the running statistics, and against
+``torch.nn.BatchNorm1d``/``2d`` built with the same options: outputs,
+gradients and the running statistics over several training steps (the
+cumulative average of ``momentum=None`` too), then evaluation; its
+``state_dict`` keys, shapes and dtypes are torch's for every option; the
+corners (one value per channel, an empty batch, channels-last and strided
+input) behave as torch's. Dropout is random, so it is checked by its mask:
+the kept values are scaled by ``1 / (1 - p)``, the gradient is the same mask,
+``p = 0`` and evaluation are the identity, the drop rate is ``p`` on a large
+array, and one seed gives one mask.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -287,3 +295,225 @@ def test_random_uniform_on_each_backend(backend):
     assert B.dtype_name(B.random_uniform(xp, (2,), 0)) == "float64"
     with pytest.raises(TypeError, match="random_uniform: expected dtype float32 or float64, got int64"):
         B.random_uniform(xp, (2,), 0, dtype="int64")
+
+
+# --------------------------------------------------------------------------- batch norm: every shape and option
+
+BN_SHAPES = [(5, 3), (3, 3, 4), (2, 3, 2, 3)]  # (N, C), (N, C, L), (N, C, H, W)
+BN_OPTIONS = [(True, True), (False, True), (True, False), (False, False)]  # (affine, track_running_stats)
+BN_OPTION_IDS = ["affine-tracked", "plain-tracked", "affine-untracked", "plain-untracked"]
+
+
+def _bn_op_inputs(shape, affine, tracking, seed=0):
+    """``x`` off zero mean and unit variance; weight/bias and running statistics, or None where the option drops them."""
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = rng.normal(1.5, 2.0, shape)
+    weight, bias = (rng.normal(1.0, 0.5, C), rng.normal(0.0, 0.5, C)) if affine else (None, None)
+    stats = (rng.normal(0.0, 1.0, C), rng.uniform(0.5, 2.0, C)) if tracking else (None, None)
+    return x, weight, bias, *stats
+
+
+@pytest.mark.parametrize(("affine", "tracking"), BN_OPTIONS, ids=BN_OPTION_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["NC", "NCL", "NCHW"])
+def test_batch_norm_gradients_match_central_differences_every_shape_and_option(backend, shape, training, affine, tracking):
+    """``dx`` (through the batch statistics wherever they are used), ``dweight`` and ``dbias`` for 2-, 3- and 4-D input."""
+    x, weight, bias, rm, rv = _bn_op_inputs(shape, affine, tracking)
+    cotangent = np.random.default_rng(1).standard_normal(shape)
+    loss = projected_loss(backend.to_numpy, cotangent)
+
+    def to(a):
+        return None if a is None else backend.asarray(a)
+
+    def forward(x=x, weight=weight, bias=bias):
+        return ops.batch_norm(to(x), to(weight), to(bias), to(rm), to(rv), training=training, momentum=0.1, eps=1e-5)
+
+    y, cache, new_rm, new_rv = forward()
+    dx, dweight, dbias = ops.batch_norm_backward(to(cotangent), cache)
+    assert tuple(y.shape) == shape and (new_rm is None) == (not tracking)
+    assert_grad_close(backend.to_numpy(dx), numerical_grad(lambda v: loss(forward(x=v)[0]), x), "x")
+    if not affine:
+        assert dweight is None and dbias is None
+        return
+    assert_grad_close(backend.to_numpy(dweight), numerical_grad(lambda v: loss(forward(weight=v)[0]), weight), "weight")
+    assert_grad_close(backend.to_numpy(dbias), numerical_grad(lambda v: loss(forward(bias=v)[0]), bias), "bias")
+
+
+def test_batch_norm_reduces_over_every_axis_but_the_channel(backend):
+    """(N, C, L) is (N*L, C) with the channel last, and 2-D batch_norm2d is refused: one op, one meaning of 'per channel'."""
+    x, weight, bias, rm, rv = _bn_op_inputs((3, 2, 5), True, True)
+    y3, _, rm3, rv3 = ops.batch_norm(*(backend.asarray(a) for a in (x, weight, bias, rm, rv)), training=True)
+    x2 = np.moveaxis(x, 1, -1).reshape(-1, 2)  # (N*L, C)
+    y2, _, rm2, rv2 = ops.batch_norm(*(backend.asarray(a) for a in (x2, weight, bias, rm, rv)), training=True)
+    f64 = tol("float64")
+    np.testing.assert_allclose(np.moveaxis(backend.to_numpy(y3), 1, -1).reshape(-1, 2), backend.to_numpy(y2), **f64)
+    np.testing.assert_allclose(backend.to_numpy(rm3), backend.to_numpy(rm2), **f64)
+    np.testing.assert_allclose(backend.to_numpy(rv3), backend.to_numpy(rv2), **f64)
+    # The 4-D entry point still refuses other shapes; ops.batch_norm takes any (N, C, *spatial).
+    with pytest.raises(ValueError, match=r"4 dimensions \(N, C, H, W\), got shape \(3, 2, 5\)"):
+        ops.batch_norm2d(backend.asarray(x), None, None, None, None, training=True)
+    with pytest.raises(ValueError, match=r"bn: expected input of at least 2 dimensions \(N, C, \*spatial\), got shape \(3,\)"):
+        ops.batch_norm(backend.asarray(np.ones(3)), None, None, None, None, training=True, where="bn")
+
+
+def test_batch_norm_channels_last_and_strided_inputs_give_the_contiguous_numbers(backend):
+    """A channels-last view (a NumPy conv's output), a strided slice, and a ``dy`` of another layout than ``x``."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, (3, 4, 5, 6))
+    dy = rng.standard_normal(x.shape)
+    weight, bias = rng.normal(1.0, 0.3, 4), rng.normal(0.0, 0.3, 4)
+    xp = backend.xp
+
+    def run(x_b, dy_b, training):
+        y, cache, rm, rv = ops.batch_norm(x_b, backend.asarray(weight), backend.asarray(bias), backend.asarray(np.zeros(4)),
+                                          backend.asarray(np.ones(4)), training=training)
+        return [backend.to_numpy(a) for a in (y, *ops.batch_norm_backward(dy_b, cache), rm, rv)]
+
+    channels_last = xp.permute_dims(backend.asarray(np.ascontiguousarray(np.moveaxis(x, 1, -1))), (0, 3, 1, 2))  # (N, C, H, W) view
+    wide = backend.asarray(np.repeat(x, 2, axis=3))  # (N, C, H, 2W)
+    strided = wide[:, :, :, ::2]  # (N, C, H, W), every other column
+    for training in (True, False):
+        expected = run(backend.asarray(x), backend.asarray(dy), training)
+        for name, x_b in (("channels-last", channels_last), ("strided", strided)):
+            got = run(x_b, backend.asarray(dy), training)
+            for a, b, what in zip(got, expected, ("y", "dx", "dweight", "dbias", "running_mean", "running_var")):
+                np.testing.assert_allclose(a, b, **tol("float64"), err_msg=f"{name} {what} training={training}")
+
+
+# (layer, input shape, momentum, affine, track_running_stats): every option on each layer; momentum
+# only matters where statistics are tracked (None: their cumulative average).
+BN_TORCH_CASES = [
+    ("BatchNorm1d", (6, 3), 0.2, True, True),
+    ("BatchNorm1d", (6, 3), None, False, True),
+    ("BatchNorm1d", (6, 3), 0.2, True, False),
+    ("BatchNorm1d", (4, 3, 5), 0.2, True, True),
+    ("BatchNorm1d", (4, 3, 5), None, True, True),
+    ("BatchNorm1d", (4, 3, 5), 0.2, False, False),
+    ("BatchNorm2d", (3, 3, 2, 2), None, True, True),
+    ("BatchNorm2d", (3, 3, 2, 2), 0.2, False, True),
+    ("BatchNorm2d", (3, 3, 2, 2), 0.2, True, False),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "momentum", "affine", "tracking"), BN_TORCH_CASES,
+                         ids=[f"{n}-{len(s)}d-m{m}-affine{a}-tracked{t}" for n, s, m, a, t in BN_TORCH_CASES])
+def test_batch_norm_layers_match_torch_with_every_option(backend, torch, name, shape, momentum, affine, tracking):
+    """Outputs, input and parameter gradients, running statistics and the batch counter over training steps, then evaluation."""
+    rng = np.random.default_rng(12)
+    options = {"eps": 1e-3, "momentum": momentum, "affine": affine, "track_running_stats": tracking}
+    ours = getattr(nn, name)(3, **options).to(backend.xp, "float64")
+    theirs = getattr(torch.nn, name)(3, **options).double()
+    if affine:
+        for key in ("weight", "bias"):
+            value = rng.normal(1.0 if key == "weight" else 0.0, 0.3, 3)
+            ours.params[key] = backend.asarray(value)
+            getattr(theirs, key).data = torch.from_numpy(value.copy())
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    f64 = tol("float64")
+
+    def step(scale):
+        x_np, dy_np = rng.normal(2.0, scale, shape), rng.standard_normal(shape)
+        x_t = torch.from_numpy(x_np.copy()).requires_grad_(True)
+        y_t = theirs(x_t)
+        y_t.backward(torch.from_numpy(dy_np))
+        y = ours.forward(backend.asarray(x_np))
+        dx = ours.backward(backend.asarray(dy_np))
+        np.testing.assert_allclose(backend.to_numpy(y), y_t.detach().numpy(), **f64)
+        np.testing.assert_allclose(backend.to_numpy(dx), x_t.grad.numpy(), **f64)
+        assert set(ours.grads) == ({"weight", "bias"} if affine else set())
+        for key in ours.grads:
+            np.testing.assert_allclose(backend.to_numpy(ours.grads[key]), getattr(theirs, key).grad.numpy(), **f64, err_msg=key)
+            getattr(theirs, key).grad = None
+        for key, value in theirs.named_buffers():
+            np.testing.assert_allclose(backend.to_numpy(ours.buffers[key]), value.numpy(), **f64, err_msg=key)
+
+    for scale in (3.0, 1.0, 0.5):  # the running statistics accumulate over steps
+        step(scale)
+    ours.eval()
+    theirs.eval()
+    step(2.0)
+
+
+@pytest.mark.parametrize(("affine", "tracking"), BN_OPTIONS, ids=BN_OPTION_IDS)
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d"])
+def test_batch_norm_state_dict_keys_shapes_and_repr_are_torchs(torch, name, affine, tracking):
+    """No weight/bias without affine, no buffers (not even the counter) without tracking; the state loads into torch."""
+    ours = getattr(nn, name)(4, momentum=None, affine=affine, track_running_stats=tracking)
+    theirs = getattr(torch.nn, name)(4, momentum=None, affine=affine, track_running_stats=tracking)
+    expected = theirs.state_dict()
+    state = ours.state_dict()
+    assert list(state) == list(expected)
+    for key, value in state.items():
+        assert tuple(value.shape) == tuple(expected[key].shape), key
+        assert B.dtype_name(value) == str(expected[key].dtype).replace("torch.", ""), key
+    theirs.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in state.items()})
+    assert set(ours.params) == ({"weight", "bias"} if affine else set())
+    assert repr(ours) == f"{name}(4, eps=1e-05, momentum=None, affine={affine}, track_running_stats={tracking})"
+
+
+def test_batch_norm_one_value_per_channel_raises_like_torch(torch):
+    """PyTorch's check and wording: training (or no running statistics) needs more than one value per channel."""
+    for shape in [(1, 3), (1, 3, 1)]:
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training"):
+            torch.nn.BatchNorm1d(3)(torch.zeros(shape))
+        layer = nn.BatchNorm1d(3)
+        message = r"^BatchNorm1d\(3, .*\): expected more than 1 value per channel when training, got input shape " + re.escape(str(shape))
+        with pytest.raises(ValueError, match=message):
+            layer.forward(np.zeros(shape, dtype=np.float32))
+        assert int(layer.buffers["num_batches_tracked"]) == 0  # a refused batch is not counted
+        # Evaluation with running statistics normalises one value fine; without them it cannot.
+        assert tuple(layer.eval().forward(np.zeros(shape, dtype=np.float32)).shape) == shape
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            nn.BatchNorm1d(3, track_running_stats=False).eval().forward(np.zeros(shape, dtype=np.float32))
+    # One sample with L > 1 values per channel is a batch of L.
+    assert tuple(nn.BatchNorm1d(3).forward(np.ones((1, 3, 2), dtype=np.float32)).shape) == (1, 3, 2)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("BatchNorm1d", (0, 3)), ("BatchNorm1d", (0, 3, 4)), ("BatchNorm2d", (0, 3, 2, 2))])
+def test_batch_norm_empty_batch_like_torch(backend, torch, name, shape):
+    """An empty batch: empty output and input gradient, zero parameter gradients, statistics unchanged, counted."""
+    ours = getattr(nn, name)(3).to(backend.xp, "float64")
+    theirs = getattr(torch.nn, name)(3).double()
+    x_t = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    theirs(x_t).sum().backward()
+    y = ours.forward(backend.asarray(np.zeros(shape)))
+    dx = ours.backward(backend.asarray(np.zeros(shape)))
+    assert tuple(y.shape) == tuple(dx.shape) == shape
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(backend.to_numpy(ours.grads[key]), getattr(theirs, key).grad.numpy())
+    for key, value in theirs.named_buffers():
+        np.testing.assert_array_equal(backend.to_numpy(ours.buffers[key]), value.numpy(), err_msg=key)
+    assert int(backend.to_numpy(ours.buffers["num_batches_tracked"])) == 1
+
+
+def test_batch_norm_layers_refuse_the_other_layers_shapes():
+    with pytest.raises(ValueError, match=r"^BatchNorm1d\(3, .*\): expected input of 2 or 3 dimensions \(N, C\) or \(N, C, L\), got shape \(2, 3, 4, 5\)$"):
+        nn.BatchNorm1d(3).forward(np.ones((2, 3, 4, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(3, .*\): expected input of 4 dimensions \(N, C, H, W\), got shape \(2, 3, 4\)$"):
+        nn.BatchNorm2d(3).forward(np.ones((2, 3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"^BatchNorm1d: num_features must be positive, got 0$"):
+        nn.BatchNorm1d(0)
+
+
+def test_batch_norm_numpy_kernel_on_two_threads_gives_the_reference_numbers(monkeypatch):
+    """The NumPy kernel's per-thread and per-block partial sums, forced onto two threads, against the reference (float64)."""
+    from portable_cnn import config_context
+    from portable_cnn.kernels.numpy import norm as numpy_norm
+
+    monkeypatch.setattr(numpy_norm, "_BYTES_PER_THREAD", 1 << 12)  # two threads for these 48 KB
+    monkeypatch.setattr(numpy_norm, "_BLOCK_BYTES", 1 << 13)  # blocks of 2 samples: 4 blocks a thread
+    rng = np.random.default_rng(13)
+    x = np.ascontiguousarray(rng.normal(3.0, 2.0, (16, 6, 7, 9)).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # channels-last
+    dy, weight, bias = rng.standard_normal(x.shape), rng.normal(1.0, 0.3, 6), rng.normal(0.0, 0.3, 6)
+
+    def run():
+        y, cache, mean, var = ops.batch_norm(x, weight, bias, np.zeros(6), np.ones(6), training=True)
+        return [y, *ops.batch_norm_backward(dy, cache), mean, var]
+
+    with config_context(num_threads=2):
+        fast = run()
+        with config_context(fast_paths=False):
+            reference = run()
+    for got, expected in zip(fast, reference):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13)

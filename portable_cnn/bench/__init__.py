@@ -1,7 +1,8 @@
 """``portable-cnn bench``: training and inference throughput beside native PyTorch, in the same run.
 
-What is measured, per network (``lenet`` 1x28x28, ``vgg-small`` 3x32x32,
-``digits`` 1x8x8), batch size and backend:
+What is measured, per network (``lenet`` 1x28x28, ``vgg-small``,
+``resnet20`` and ``mobilenet-small`` 3x32x32, ``digits`` 1x8x8), batch size
+and backend:
 
 * **train**: one optimizer step = forward, softmax cross-entropy, backward,
   SGD with momentum 0.9; images/s = batch size / step time.

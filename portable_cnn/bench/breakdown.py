@@ -27,11 +27,11 @@ CATEGORIES = ("conv forward", "conv backward-data", "conv backward-weights", "po
 
 def _category(layer) -> str:
     """The breakdown row of a leaf module other than a convolution."""
-    if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+    if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return "pooling"
-    if isinstance(layer, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Flatten, nn.Dropout)):
+    if isinstance(layer, (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Flatten, nn.Dropout, nn.Identity)):
         return "elementwise"
-    if isinstance(layer, nn.BatchNorm2d):
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return "batch norm"
     if isinstance(layer, nn.Linear):
         return "linear"
@@ -41,7 +41,9 @@ def _category(layer) -> str:
 def conv_flops(weight_shape, y_shape) -> int:
     """FLOPs of one of a convolution's three GEMMs (forward, backward-data, backward-weights).
 
-    Each is ``2 * N*P*Q * K * C*R*S``: a multiply and an add per term.
+    Each is ``2 * N*P*Q * K * C*R*S``: a multiply and an add per term. The
+    weight is ``(K, C/G, R, S)`` for ``G`` groups, so its shape gives a
+    grouped (depthwise) convolution's count too.
 
     >>> conv_flops((16, 1, 3, 3), (8, 16, 8, 8))
     147456
@@ -58,8 +60,8 @@ def _weights_fraction(layer, y_shape, clock) -> float:
     # runs the same GEMMs in the same time.
     xp = backend.namespace(x)
     dy = xp.ones(y_shape, dtype=x.dtype, device=backend.device(x))
-    geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, cols=saved,
-                    has_bias="bias" in layer.params)
+    geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                    cols=saved, has_bias="bias" in layer.params)
     weights_only, full = [], []
     for _ in range(3):
         t0 = clock()

@@ -15,8 +15,9 @@ from .protocol import MODES, NETS, OUR_BACKENDS
 from .runners import run_config
 
 DESCRIPTION = (
-    "Training-step and inference images/s of lenet and vgg-small on our backends, beside native PyTorch in the "
-    "same run (same net, weights and batch), with the ratio, the spread and a result check. "
+    "Training-step and inference images/s of lenet, vgg-small, resnet20 and mobilenet-small on our backends, "
+    "beside native PyTorch in the same run (same net, weights and batch), with the ratio, the spread and a "
+    "result check. "
     "See benchmarks/README.md."
 )
 
@@ -46,8 +47,10 @@ def _csv(kind, choices=None):
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bench`` options to ``parser``; returns it."""
-    parser.add_argument("--nets", type=_csv("nets", tuple(NETS)), default=["lenet", "vgg-small"],
-                        help="comma-separated networks (default: lenet,vgg-small; also: digits)")
+    parser.add_argument("--nets", type=_csv("nets", tuple(NETS)),
+                        default=["lenet", "vgg-small", "resnet20", "mobilenet-small"],
+                        help="comma-separated networks (default: lenet,vgg-small,resnet20,mobilenet-small; "
+                             "also: digits)")
     parser.add_argument("--batch-sizes", type=_csv("batch sizes"), default=[32, 128, 256],
                         help="comma-separated batch sizes (default: 32,128,256)")
     parser.add_argument("--backends", type=_csv("backends", OUR_BACKENDS), default=None,

@@ -43,7 +43,8 @@ import numpy as np
 from .. import models
 
 #: Input shape ``(C, H, W)`` of each network the benchmark knows.
-NETS = {"lenet": (1, 28, 28), "vgg-small": (3, 32, 32), "digits": (1, 8, 8)}
+NETS = {"lenet": (1, 28, 28), "vgg-small": (3, 32, 32), "resnet20": (3, 32, 32), "mobilenet-small": (3, 32, 32),
+        "digits": (1, 8, 8)}
 NUM_CLASSES = 10
 #: Backends of ours that ``--backends`` accepts.
 OUR_BACKENDS = ("numpy", "torch", "cupy", "array_api_strict")

@@ -6,10 +6,13 @@ this module costs nothing where PyTorch is absent.
 
 Our parameter names and shapes follow ``torch.nn``, so a module built by
 :func:`torch_model` has the same ``state_dict`` keys and shapes as ours,
-nested ``Sequential`` containers included (``"1.0.weight"``).
+nested ``Sequential`` containers and ``Residual`` blocks included
+(``"1.0.weight"``, ``"3.body.0.weight"``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -18,7 +21,26 @@ from .. import backend, nn
 __all__ = ["torch_layer", "torch_model", "torch_state"]
 
 # Layers without hyperparameters: our class to the name of torch.nn's.
-_PLAIN = {nn.ReLU: "ReLU", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", nn.Flatten: "Flatten"}
+_PLAIN = {nn.ReLU: "ReLU", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", nn.Flatten: "Flatten", nn.Identity: "Identity"}
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_class(torch):
+    """Our :class:`~portable_cnn.nn.Residual` as a ``torch.nn.Module`` class: ``body(x) + shortcut(x)``, children alike.
+
+    Made here, once per ``torch`` module: ``torch.nn`` has no such container,
+    and torch is passed in, never imported.
+    """
+
+    class Residual(torch.nn.Module):
+        def __init__(self, body, shortcut):
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    return Residual
 
 
 def torch_layer(torch, layer: nn.Module):
@@ -29,7 +51,8 @@ def torch_layer(torch, layer: nn.Module):
     torch : module
         The ``torch`` package.
     layer : portable_cnn.nn.Module
-        A layer of ours, or a ``Sequential`` of them (mirrored recursively).
+        A layer of ours, or a ``Sequential`` or ``Residual`` of them
+        (mirrored recursively).
 
     Returns
     -------
@@ -44,17 +67,23 @@ def torch_layer(torch, layer: nn.Module):
     tnn = torch.nn
     if isinstance(layer, nn.Sequential):
         return tnn.Sequential(*[torch_layer(torch, child) for child in layer])
+    if isinstance(layer, nn.Residual):
+        return _residual_class(torch)(torch_layer(torch, layer.body), torch_layer(torch, layer.shortcut))
     if isinstance(layer, nn.Conv2d):
         return tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, bias="bias" in layer.params)
+                          layer.dilation, layer.groups, bias="bias" in layer.params)
     if isinstance(layer, nn.Linear):
         return tnn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
     if isinstance(layer, nn.MaxPool2d):
-        return tnn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+        return tnn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, layer.dilation, ceil_mode=layer.ceil_mode)
     if isinstance(layer, nn.AvgPool2d):
-        return tnn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding)
-    if isinstance(layer, nn.BatchNorm2d):
-        return tnn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+        return tnn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode, layer.count_include_pad,
+                             layer.divisor_override)
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return tnn.AdaptiveAvgPool2d(layer.output_size)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return getattr(tnn, type(layer).__name__)(layer.num_features, eps=layer.eps, momentum=layer.momentum,
+                                                 affine=layer.affine, track_running_stats=layer.track_running_stats)
     if isinstance(layer, nn.Dropout):
         return tnn.Dropout(layer.p)
     if type(layer) in _PLAIN:

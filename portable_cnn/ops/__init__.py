@@ -8,8 +8,17 @@ from .activation import relu, relu_backward, sigmoid, sigmoid_backward, tanh, ta
 from .conv import col2im, conv2d, conv2d_backward, im2col
 from .dropout import dropout, dropout_backward
 from .linear import flatten, flatten_backward, linear, linear_backward
-from .norm import batch_norm2d, batch_norm2d_backward
-from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
+from .norm import batch_norm, batch_norm2d, batch_norm2d_backward, batch_norm_backward
+from .pool import (
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_backward,
+    avg_pool2d,
+    avg_pool2d_backward,
+    global_avg_pool2d,
+    global_avg_pool2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
+)
 from .softmax import (
     log_softmax,
     log_softmax_backward,
@@ -22,10 +31,14 @@ from .softmax import (
 from ._checks import out_size
 
 __all__ = [
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm",
     "batch_norm2d",
     "batch_norm2d_backward",
+    "batch_norm_backward",
     "col2im",
     "conv2d",
     "conv2d_backward",
@@ -33,6 +46,8 @@ __all__ = [
     "dropout_backward",
     "flatten",
     "flatten_backward",
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
     "im2col",
     "linear",
     "linear_backward",

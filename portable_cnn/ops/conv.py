@@ -1,8 +1,9 @@
 """2-D convolution (cross-correlation) by im2col + GEMM: validation, geometry, dispatch.
 
 Notation follows docs/derivation.md and the seed: input ``(N, C, H, W)``,
-weight ``(K, C, R, S)``, strides ``(u, v)``, paddings ``(a, b)``, dilations
-``(d_h, d_w)``, output ``(N, K, P, Q)`` with ``P = out_size(H, R, u, a, d_h)``.
+weight ``(K, C/G, R, S)`` for ``G`` groups (``G = 1`` unless said),
+strides ``(u, v)``, paddings ``(a, b)``, dilations ``(d_h, d_w)``, output
+``(N, K, P, Q)`` with ``P = out_size(H, R, u, a, d_h)``.
 
 Forward (one GEMM)::
 
@@ -20,6 +21,11 @@ Backward (the two transposed GEMMs of the forward)::
 col2im of ``dY2 @ W2`` equals the convolution of the stride-dilated, padded
 ``dy`` with the kernel rotated by 180 degrees and its channel axes swapped
 (docs/derivation.md, section 5; test_dx_equals_rotated_kernel_convolution).
+
+With ``G`` groups every product above is ``G`` products, one per group of
+``C/G`` input and ``K/G`` output channels (docs/derivation.md, section 5a);
+a depthwise convolution (``G = C``) has NumPy and CuPy kernels of its own,
+which multiply and add tap by tap instead of running ``C`` GEMMs of one column.
 
 The arithmetic lives in the kernels (:mod:`portable_cnn.kernels`): the
 reference in ``kernels/reference/conv.py``, NumPy's channels-last blocked
@@ -45,9 +51,9 @@ __all__ = [
 ]
 
 
-def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, where="conv2d") -> ConvGeometry:
+def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, where="conv2d", groups=1) -> ConvGeometry:
     """Validate shapes and options into a :class:`~portable_cnn.geometry.ConvGeometry`."""
-    return ConvGeometry.of(x_shape, w_shape, stride, padding, dilation, where)
+    return ConvGeometry.of(x_shape, w_shape, stride, padding, dilation, where, groups)
 
 
 def _window_geometry(x_shape, kernel_size, stride, padding, dilation, where):
@@ -125,7 +131,7 @@ def get_workspace_limit() -> float:
 def _check_conv_args(x, weight, bias, where):
     xp = namespace_of(x, weight, bias, where=where)
     check_ndim(x, 4, "(N, C, H, W)", where)
-    check_ndim(weight, 4, "(K, C, R, S)", where, "weight")
+    check_ndim(weight, 4, "(K, C/groups, R, S)", where, "weight")
     check_float(x, where)
     check_float(weight, where, "weight")
     check_same_dtype(x, weight, where, "input", "weight")
@@ -137,16 +143,21 @@ def _check_conv_args(x, weight, bias, where):
 
 
 def conv2d(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, *, return_cols=False, workspace=None, where="conv2d"
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, return_cols=False, workspace=None,
+    where="conv2d",
 ):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
 
     Parameters
     ----------
     x : array, shape (N, C, H, W), real floating
-    weight : array, shape (K, C, R, S)
+    weight : array, shape (K, C/groups, R, S)
     bias : array, shape (K,), optional
     stride, padding, dilation : int or pair of ints
+    groups : int
+        ``G``: input channels ``g*C/G .. (g+1)*C/G - 1`` feed only output
+        channels ``g*K/G .. (g+1)*K/G - 1``; ``G`` must divide ``C`` and ``K``.
+        ``groups == C`` is a depthwise convolution (``K/C`` filters per channel).
     return_cols : bool
         Also return what the backward can reuse (the unfolded input).
     workspace : dict, optional
@@ -171,16 +182,18 @@ def conv2d(
     >>> conv2d(x, np.ones((1, 1, 2, 2)), stride=2)[0, 0]
     array([[10., 18.],
            [42., 50.]])
+    >>> conv2d(np.ones((1, 2, 3, 3)), np.stack([np.ones((1, 2, 2)), -np.ones((1, 2, 2))]), groups=2)[0, :, 0, 0]
+    array([ 4., -4.])
     """
     xp = _check_conv_args(x, weight, bias, where)
-    g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where)
+    g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where, groups)
     forward = dispatch.kernel("conv2d_forward", xp, x.dtype)
     y, saved = forward(xp, x, weight, bias, g, keep_cols=return_cols, workspace=workspace, where=where)
     return (y, saved) if return_cols else y
 
 
 def conv2d_backward(
-    dy, x, weight, stride=1, padding=0, dilation=1, *, cols=None, has_bias=True, need_input_grad=True,
+    dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *, cols=None, has_bias=True, need_input_grad=True,
     workspace=None, where="conv2d",
 ):
     """Gradients of :func:`conv2d`.
@@ -189,7 +202,7 @@ def conv2d_backward(
     ----------
     dy : array, shape (N, K, P, Q)
         dL/dy.
-    x, weight, stride, padding, dilation
+    x, weight, stride, padding, dilation, groups
         As given to the forward.
     cols : ConvColumns, optional
         What the forward returned with ``return_cols``; the input is unfolded
@@ -205,12 +218,12 @@ def conv2d_backward(
     Returns
     -------
     dx : array, shape (N, C, H, W), or None
-    dw : array, shape (K, C, R, S)
+    dw : array, shape (K, C/groups, R, S)
     db : array, shape (K,) or None
     """
     xp = _check_conv_args(x, weight, None, where)
     namespace_of(dy, x, where=where)
-    g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where)
+    g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where, groups)
     if tuple(dy.shape) != g.y_shape:
         raise ValueError(f"{where}: expected output gradient of shape {g.y_shape}, got {tuple(dy.shape)}")
     backward = dispatch.kernel("conv2d_backward", xp, x.dtype)

@@ -25,6 +25,8 @@ KERNELS = {
     "max_pool2d_backward": (_FLOATS, pool.max_pool2d_backward),
     "avg_pool2d_forward": (_FLOATS, pool.avg_pool2d_forward),
     "avg_pool2d_backward": (_FLOATS, pool.avg_pool2d_backward),
+    "global_avg_pool2d_forward": (_FLOATS, pool.global_avg_pool2d_forward),
+    "global_avg_pool2d_backward": (_FLOATS, pool.global_avg_pool2d_backward),
     "relu_forward": (_FLOATS, elementwise.relu_forward),
     "relu_backward": (_FLOATS, elementwise.relu_backward),
     "softmax_cross_entropy_forward": (_FLOATS, elementwise.softmax_cross_entropy_forward),

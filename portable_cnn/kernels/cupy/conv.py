@@ -6,20 +6,41 @@ input read through its strides (a channels-last view needs no copy). col2im
 is a gather, one thread per input element ``(n, h, w, c)`` summing the
 entries that read it: no atomics, so the result is deterministic and adds
 in the reference's tap order; it returns an ``(N, C, H, W)`` view of
-channels-last memory. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
+channels-last memory. Each kernel's work is a function of a
+:class:`~.compile.KernelRunner` (``im2col_on``, ``col2im_on``), which
+tests/test_cuda_kernels.py also runs on the CPU. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
 ``sum(axis=0)`` of vgg-small's (262144, 32) output gradients took about
 4 ms per layer on an H200, the GEMV 0.04 ms (docs/benchmarks.md).
+
+Grouped convolutions run the reference's grouped GEMMs: one batched
+``matmul`` over the ``G`` groups (cuBLAS's strided batched GEMM; CuPy copies
+the group-strided column blocks into one contiguous stack first). A
+depthwise convolution (``G = C``) runs the kernels of ``cuda/depthwise.cu``
+instead (``depthwise_forward_on``, ``depthwise_backward_on``): the forward
+one thread per output, the input gradient a gather like col2im, and the
+weight gradient two deterministic passes, partial sums over chunks of the
+``N*P*Q`` positions and then their sum in chunk order. No atomics: the same
+numbers on every run.
 """
 
 from __future__ import annotations
 
 from ..reference import conv as reference
-from .compile import cupy_module, launch, nchw_output, strides
+from .compile import cupy_runner, nchw_output, strides
 from .memory import out_of_memory_explained
 
-__all__ = ["COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward"]
+__all__ = [
+    "COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "im2col_on", "col2im_on",
+    "depthwise_forward_on", "depthwise_backward_on",
+]
 
 COLUMN_LAYOUT = "cupy"
+# The depthwise weight gradient's first pass runs one thread per (chunk, tap,
+# output channel): about this many threads fill a large GPU (an H200 keeps
+# ~270K resident), and each sums at least _MIN_CHUNK positions, so the
+# partial sums stay a small fraction of the work.
+_WEIGHT_THREADS = 1 << 17
+_MIN_CHUNK = 32
 
 
 def _geometry_ints(g) -> tuple:
@@ -28,20 +49,28 @@ def _geometry_ints(g) -> tuple:
 
 def im2col(xp, x, g):
     """``(N, C, H, W)`` to ``(N*P*Q, C*R*S)`` in one kernel."""
-    cupy = cupy_module()
     with x.device:
-        cols = cupy.empty(g.cols_shape, dtype=x.dtype)  # (N*P*Q, C*R*S)
-        launch(cupy, "im2col", x.dtype, cols.size, (x, cols), _geometry_ints(g), strides(x))
+        return im2col_on(cupy_runner(), x, g)
+
+
+def im2col_on(run, x, g):
+    """:func:`im2col` on the :class:`~.compile.KernelRunner` ``run``."""
+    cols = run.lib.empty(g.cols_shape, dtype=x.dtype)  # (N*P*Q, C*R*S)
+    run.launch("im2col", x.dtype, cols.size, (x, cols), _geometry_ints(g), strides(x))
     return cols
 
 
 def col2im(xp, cols, g):
     """``(N*P*Q, C*R*S)`` back onto ``(N, C, H, W)`` by a deterministic gather; a view of channels-last memory."""
-    cupy = cupy_module()
     with cols.device:
-        cols = cupy.ascontiguousarray(cols)  # the kernel indexes rows directly; a no-op for a GEMM result
-        dx, flat = nchw_output(cupy, g.N, g.C, g.H, g.W, cols.dtype, last=True)
-        launch(cupy, "col2im", cols.dtype, flat.size, (cols, flat), _geometry_ints(g))
+        return col2im_on(cupy_runner(), cols, g)
+
+
+def col2im_on(run, cols, g):
+    """:func:`col2im` on the :class:`~.compile.KernelRunner` ``run``."""
+    cols = run.lib.ascontiguousarray(cols)  # the kernel indexes rows directly; a no-op for a GEMM result
+    dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, cols.dtype, last=True)
+    run.launch("col2im", cols.dtype, flat.size, (cols, flat), _geometry_ints(g))
     return dx
 
 
@@ -51,16 +80,69 @@ def column_sums(xp, a):
     return ones @ a  # (rows,) @ (rows, K) -> (K,)
 
 
+def _depthwise_ints(g) -> tuple:
+    return (g.C, g.H, g.W, g.K // g.C, g.R, g.S, g.P, g.Q, g.u, g.v, g.a, g.b, g.dh, g.dw)
+
+
+def weight_chunks(g) -> tuple[int, int]:
+    """``(chunks, chunk_len)``: how the depthwise weight gradient splits the ``N*P*Q`` positions (none empty)."""
+    positions = g.N * g.P * g.Q
+    chunks = max(1, min(-(-_WEIGHT_THREADS // (g.K * g.R * g.S)), -(-positions // _MIN_CHUNK)))
+    chunk_len = max(1, -(-positions // chunks))
+    return max(1, -(-positions // chunk_len)), chunk_len
+
+
+def depthwise_forward_on(run, x, weight, bias, g):
+    """Depthwise ``y`` (a channels-last ``(N, K, P, Q)`` view) on the :class:`~.compile.KernelRunner` ``run``."""
+    weight = run.lib.ascontiguousarray(weight)  # (K, 1, R, S), read as (K, R*S)
+    has_bias = bias is not None
+    bias = run.lib.ascontiguousarray(bias) if has_bias else weight  # a pointer the kernel never reads
+    y, flat = nchw_output(run.lib, g.N, g.K, g.P, g.Q, x.dtype, last=True)
+    run.launch("depthwise_conv2d_forward", x.dtype, flat.size, (x, weight, bias, flat),
+               (*_depthwise_ints(g), int(has_bias)), strides(x))
+    return y
+
+
+def depthwise_backward_on(run, dy, x, weight, g, need_input_grad=True):
+    """Depthwise ``(dx or None, dW)`` on the :class:`~.compile.KernelRunner` ``run``; ``dy`` and ``x`` of one dtype.
+
+    ``dx`` is an ``(N, C, H, W)`` view of channels-last memory; ``dW`` is
+    ``(K, 1, R, S)``, summed over the positions in chunks (:func:`weight_chunks`).
+    """
+    weight = run.lib.ascontiguousarray(weight)  # (K, 1, R, S), read as (K, R*S)
+    dx = None
+    if need_input_grad:
+        dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, dy.dtype, last=True)
+        run.launch("depthwise_conv2d_backward_input", dy.dtype, flat.size, (dy, weight, flat), _depthwise_ints(g),
+                   strides(dy))
+    chunks, chunk_len = weight_chunks(g)
+    taps = g.R * g.S
+    partial = run.lib.empty((chunks, taps, g.K), dtype=dy.dtype)  # (chunks, R*S, K)
+    run.launch("depthwise_conv2d_weight_partial", dy.dtype, partial.size, (x, dy, partial),
+               (g.N, *_depthwise_ints(g), chunk_len), (*strides(x), *strides(dy)))
+    dweight = run.lib.empty(g.w_shape, dtype=dy.dtype)  # (K, 1, R, S)
+    run.launch("depthwise_conv2d_weight_sum", dy.dtype, g.K * taps, (partial, dweight), (g.K, taps, chunks))
+    return dx, dweight
+
+
 def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
-    """Forward as the reference's, with the im2col kernel; returns ``(y, ConvColumns or None)``."""
+    """Forward as the reference's with the im2col kernel, or depthwise; returns ``(y, ConvColumns or None)``."""
     with out_of_memory_explained(where, "forward", x):
+        if g.depthwise:
+            with x.device:
+                return depthwise_forward_on(cupy_runner(), x, weight, bias, g), None
         return reference.gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=im2col, layout=COLUMN_LAYOUT)
 
 
 def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
                     where="conv2d"):
-    """Backward as the reference's, with the im2col and col2im kernels and the GEMV bias gradient."""
+    """Backward as the reference's, with the im2col and col2im kernels and the GEMV bias gradient, or depthwise."""
     cols = saved.cols if saved is not None and saved.layout == COLUMN_LAYOUT else None
     with out_of_memory_explained(where, "backward", x):
+        if g.depthwise and dy.dtype == x.dtype:  # the CUDA templates have one T
+            with x.device:
+                dx, dweight = depthwise_backward_on(cupy_runner(), dy, x, weight, g, need_input_grad)
+                dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
+                return dx, dweight, column_sums(xp, dy2) if has_bias else None
         return reference.gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias,
                                        need_input_grad=need_input_grad, unfold=im2col, fold=col2im, sums=column_sums)

@@ -1,4 +1,9 @@
-"""NumPy ReLU: one pass on every core, into memory laid out like the input."""
+"""NumPy ReLU: one pass on every core, into memory laid out like the input.
+
+The ufuncs write into ``out=`` arrays from ``np.empty_like``, so a 0-d input
+gives a 0-d array (not the scalar a bare ufunc returns) and an empty one an
+empty array; :func:`.parallel.parallel_apply` runs both in the calling thread.
+"""
 
 from __future__ import annotations
 

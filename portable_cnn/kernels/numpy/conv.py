@@ -1,9 +1,16 @@
 """NumPy convolution: channels-last, data-parallel over the batch, cache-blocked.
 
 Column layout ``"numpy-nhwc"``: im2col rows ``(n, p, q)`` with columns
-ordered ``(r, s, c)`` over channels-last input, kept (when kept at all) as one
-``(N, P, Q, R, S, C)`` buffer; with one input channel, ``(R*S, N*P*Q)``, a tap
-per row (see :class:`_Unfolder`).
+ordered ``(g, r, s, c)`` over channels-last input (``c`` the channel within
+group ``g``; ``(r, s, c)`` for one group), kept (when kept at all) as one
+``(N, P, Q, G, R, S, C/G)`` buffer; with one input channel, ``(R*S, N*P*Q)``,
+a tap per row (see :class:`_Unfolder`). Group ``g``'s columns are one run
+of ``R*S*C/G`` per row, so its GEMM reads them in place (a matrix with
+leading dimension ``G*R*S*C/G``), and ``G`` groups are one ``np.matmul``
+over a stack of ``G`` such views (docs/derivation.md, section 5a).
+
+A depthwise convolution (``G = C``) does not come here as ``C`` GEMMs of
+one column each: :mod:`.depthwise` multiplies and adds it tap by tap.
 
 Three choices make NumPy convolutions fast here:
 
@@ -32,6 +39,7 @@ import numpy as np
 
 from ...config import setting
 from ...geometry import ConvColumns
+from . import depthwise
 from .parallel import batch_parallel, parallel_copy
 
 __all__ = ["COLUMN_LAYOUT", "conv2d_forward", "conv2d_backward"]
@@ -61,10 +69,14 @@ def _buffer(workspace, tag, shape, dtype, *, zeroed=False):
     return buf
 
 
-def _padded_nhwc(x, a, b, workspace=None, tag="pad"):
-    """``x`` as channels-last ``(N, H+2a, W+2b, C)``, zero-padded (a view when unpadded)."""
+def _padded_nhwc(x, a, b, workspace=None, tag="pad", *, contiguous=False):
+    """``x`` as channels-last ``(N, H+2a, W+2b, C)``, zero-padded (a view when unpadded).
+
+    ``contiguous``: copy an unpadded input whose memory is not channels-last
+    too, for code that reads it tap by tap rather than through one copy.
+    """
     xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
-    if a == 0 and b == 0:
+    if a == 0 and b == 0 and (not contiguous or xt.flags.c_contiguous):
         return xt
     N, H, W, C = xt.shape
     # Zeroed once; later calls overwrite only the interior, so the border stays zero.
@@ -73,14 +85,15 @@ def _padded_nhwc(x, a, b, workspace=None, tag="pad"):
     return xpad
 
 
-def _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace=None, tag="x"):
-    """A read-only ``(N, P, Q, R, S, C)`` strided view: ``[n, p, q]`` is im2col row ``(n, p, q)``."""
+def _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, G, workspace=None, tag="x"):
+    """A read-only ``(N, P, Q, G, R, S, C/G)`` strided view: ``[n, p, q]`` is im2col row ``(n, p, q)``."""
     xpad = _padded_nhwc(x, a, b, workspace, tag + ".pad")  # (N, H+2a, W+2b, C)
     N, C = x.shape[:2]
     sN, sH, sW, sC = xpad.strides
     return np.lib.stride_tricks.as_strided(
-        xpad, shape=(N, P, Q, R, S, C), strides=(sN, u * sH, v * sW, dh * sH, dw * sW, sC), writeable=False
-    )  # (N, P, Q, R, S, C)
+        xpad, shape=(N, P, Q, G, R, S, C // G), strides=(sN, u * sH, v * sW, C // G * sC, dh * sH, dw * sW, sC),
+        writeable=False,
+    )  # (N, P, Q, G, R, S, C/G)
 
 
 class _Unfolder:
@@ -99,7 +112,8 @@ class _Unfolder:
     """
 
     def __init__(self, windows, block, workspace, tag, *, whole=None, filled=False):
-        self.windows, self.taps_first, self.filled = windows, windows.shape[-1] == 1, filled
+        self.windows, self.filled = windows, filled
+        self.taps_first = windows.shape[3] == windows.shape[-1] == 1  # one group of one channel
         if whole is not None:
             self.buf, self.offset = whole, True
         else:
@@ -108,23 +122,34 @@ class _Unfolder:
     @staticmethod
     def whole_shape(windows, n):
         """Buffer shape for ``n`` samples."""
-        N, P, Q, R, S, C = windows.shape
-        return (R * S, n * P * Q) if C == 1 else (n, P, Q, R, S, C)
+        N, P, Q, G, R, S, Cg = windows.shape
+        return (R * S, n * P * Q) if G == Cg == 1 else (n, P, Q, G, R, S, Cg)
 
     def __call__(self, i, j):
-        N, P, Q, R, S, C = self.windows.shape
+        """The im2col block of samples ``i:j``: ``(rows, G*R*S*C/G)``, columns ``(g, r, s, c)``."""
+        N, P, Q, G, R, S, Cg = self.windows.shape
         start, stop = (i, j) if self.offset else (0, j - i)  # samples' place in the buffer
         rows = slice(start * P * Q, stop * P * Q)
         if self.taps_first:
             if not self.filled:
                 for r in range(R):
                     for s in range(S):
-                        np.copyto(self.buf[r * S + s, rows].reshape(j - i, P, Q), self.windows[i:j, :, :, r, s, 0])
+                        np.copyto(self.buf[r * S + s, rows].reshape(j - i, P, Q), self.windows[i:j, :, :, 0, r, s, 0])
             return self.buf[:, rows].T  # (rows, R*S)
-        block = self.buf[start:stop]  # (j-i, P, Q, R, S, C)
+        block = self.buf[start:stop]  # (j-i, P, Q, G, R, S, C/G)
         if not self.filled:
             np.copyto(block, self.windows[i:j])
-        return block.reshape((j - i) * P * Q, R * S * C)
+        return block.reshape((j - i) * P * Q, G * R * S * Cg)
+
+
+def _by_group(a, G):
+    """The ``(rows, G*m)`` matrix ``a`` as a stack of ``G`` matrices ``(G, rows, m)`` (a view).
+
+    Each is a run of ``m`` columns with leading dimension ``G*m``, which
+    ``np.matmul`` hands to BLAS in place, as input or as ``out``.
+    """
+    rows, width = a.shape
+    return a.reshape(rows, G, width // G).transpose(1, 0, 2)  # (rows, G, m) -> (G, rows, m)
 
 
 def _limit_samples(g, itemsize):
@@ -135,11 +160,24 @@ def _samples_per_block(per_sample_bytes, limit_samples):
     return max(1, min(limit_samples, _BLOCK_BYTES // max(1, per_sample_bytes)))
 
 
+def _weight_columns(weight, g):
+    """``(K, C/G, R, S)`` as ``(G, R*S*C/G, K/G)``: each group's ``W2.T`` with rows ``(r, s, c)``."""
+    w5 = weight.reshape(g.G, g.Kg, g.Cg, g.R, g.S)  # (G, K/G, C/G, R, S)
+    return w5.transpose(0, 3, 4, 2, 1).reshape(g.G, g.R * g.S * g.Cg, g.Kg)  # (G, R, S, C/G, K/G) -> (G, R*S*C/G, K/G)
+
+
 def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
-    """Forward; returns ``(y, ConvColumns or None)``: the columns only for a small layer (``_KEEP_BYTES``)."""
-    N, C, P, Q, K, R, S = g.N, g.C, g.P, g.Q, g.K, g.R, g.S
-    w2t = weight.transpose(2, 3, 1, 0).reshape(R * S * C, K)  # (R*S*C, K)
-    windows = _windows_nhwc(x, R, S, g.u, g.v, g.a, g.b, g.dh, g.dw, P, Q, workspace)  # (N, P, Q, R, S, C)
+    """Forward; returns ``(y, ConvColumns or None)``: the columns only for a small layer (``_KEEP_BYTES``).
+
+    A depthwise convolution (``g.depthwise``) runs :mod:`.depthwise` and keeps no columns.
+    """
+    if g.depthwise:
+        xpad = _padded_nhwc(x, g.a, g.b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
+        y = depthwise.forward(xpad, weight, bias, g)  # (N, P, Q, K)
+        return y.transpose(0, 3, 1, 2), None  # (N, K, P, Q) view of (N, P, Q, K)
+    N, C, P, Q, K, R, S, G = g.N, g.C, g.P, g.Q, g.K, g.R, g.S, g.G
+    w3t = _weight_columns(weight, g)  # (G, R*S*C/G, K/G)
+    windows = _windows_nhwc(x, R, S, g.u, g.v, g.a, g.b, g.dh, g.dw, P, Q, G, workspace)  # (N, P, Q, G, R, S, C/G)
     y = np.empty((N, P, Q, K), dtype=x.dtype)  # (N, P, Q, K)
     block = _samples_per_block(P * Q * R * S * C * x.itemsize, _limit_samples(g, x.itemsize))
     keep = N * P * Q * R * S * C * x.itemsize <= _KEEP_BYTES
@@ -150,7 +188,7 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             out = y[i:j].reshape((j - i) * P * Q, K)  # (rows, K)
-            np.matmul(unfold(i, j), w2t, out=out)
+            np.matmul(_by_group(unfold(i, j), G), w3t, out=_by_group(out, G))  # (G, rows, K/G)
             if bias is not None:
                 out += bias
 
@@ -163,16 +201,22 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
                     where="conv2d"):
     """Backward: ``(dx or None, dW, db or None)``; ``saved`` the forward's columns in this layout, or recompute.
 
-    Per block of samples: ``dW += dY2.T @ cols`` and ``db += 1 @ dY2`` into
-    the thread's own partial sums, and ``dx`` for those samples, either as a
-    convolution of dy (stride 1, docs/derivation.md section 5) or by col2im
-    tap by tap.
+    Per block of samples and per group: ``dW += dY2.T @ cols`` and ``db +=
+    1 @ dY2`` into the thread's own partial sums, and ``dx`` for those
+    samples, either as a convolution of dy (stride 1, docs/derivation.md
+    section 5) or by col2im tap by tap. A depthwise convolution runs
+    :mod:`.depthwise`.
     """
-    N, C, H, W, K, R, S, P, Q = g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q
+    N, C, H, W, K, R, S, P, Q, G = g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.G
     u, v, a, b, dh, dw = g.u, g.v, g.a, g.b, g.dh, g.dw
     dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, K), contiguous when dy is channels-last
+    if g.depthwise:
+        xpad = _padded_nhwc(x, a, b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
+        dxpad, dweight, dbias = depthwise.backward(dyt, xpad, weight, g, has_bias, need_input_grad)
+        dx = None if dxpad is None else dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view
+        return dx, dweight, dbias
     limit = _limit_samples(g, x.itemsize)
-    windows = _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, workspace)  # (N, P, Q, R, S, C)
+    windows = _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, G, workspace)  # (N, P, Q, G, R, S, C/G)
     cols = saved.cols if saved is not None and saved.layout == COLUMN_LAYOUT else None
     if cols is not None and cols.shape != _Unfolder.whole_shape(windows, N):
         cols = None  # kept for another batch: unfold again
@@ -182,17 +226,20 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
     # 6->16 layer: 3136 against 2 x 600).
     as_convolution = u == 1 and v == 1 and a <= dh * (R - 1) and b <= dw * (S - 1) and H * W * K <= 2 * P * Q * C
     if need_input_grad and as_convolution:
-        # dx = conv(dy padded by d(R-1)-a, rot180(W) with K and C swapped): docs/derivation.md, section 5.
+        # dx = conv(dy padded by d(R-1)-a, rot180(W) with K and C swapped), group by group: docs/derivation.md,
+        # sections 5 and 5a.
         dy_windows = _windows_nhwc(
-            dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, workspace, "dy"
-        )  # (N, H, W, R, S, K)
-        w_rot_t = weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(R * S * K, C)  # (R*S*K, C)
+            dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, G, workspace, "dy"
+        )  # (N, H, W, G, R, S, K/G)
+        w_rot = weight[:, :, ::-1, ::-1].reshape(G, g.Kg, g.Cg, R, S)  # (G, K/G, C/G, R, S)
+        w_rot_t = w_rot.transpose(0, 3, 4, 1, 2).reshape(G, R * S * g.Kg, g.Cg)  # (G, R*S*K/G, C/G)
         dx = np.empty((N, H, W, C), dtype=dy.dtype)  # (N, H, W, C)
         block = min(block, _samples_per_block(H * W * R * S * K * dy.itemsize, limit))
     elif need_input_grad:
-        # col2im tap by tap: one GEMM per tap gives its (rows, C) block
-        # contiguous, so each scatter-add moves runs of Q*C floats.
-        w_taps = weight.transpose(2, 3, 0, 1).reshape(R * S, K, C)  # (R*S, K, C)
+        # col2im tap by tap: one GEMM per tap (and group) gives its (rows, C)
+        # block contiguous, so each scatter-add moves runs of Q*C floats.
+        w_taps = weight.reshape(G, g.Kg, g.Cg, R, S).transpose(3, 4, 0, 1, 2)  # (R, S, G, K/G, C/G)
+        w_taps = w_taps.reshape(R * S, G, g.Kg, g.Cg)  # (R*S, G, K/G, C/G)
         dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
     partial_dw, partial_db = {}, {}
 
@@ -201,31 +248,37 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
         unfold_dy = None
         if need_input_grad and as_convolution:
             unfold_dy = _Unfolder(dy_windows, block, workspace, f"dy_cols.{slot}")
-        dw2 = np.zeros((K, R * S * C), dtype=x.dtype)  # (K, R*S*C)
+        dw3 = np.zeros((G, g.Kg, R * S * g.Cg), dtype=x.dtype)  # (G, K/G, R*S*C/G)
         db = np.zeros(K, dtype=x.dtype)  # (K,)
         ones = np.ones(block * P * Q, dtype=x.dtype)
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             rows = (j - i) * P * Q
             dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
-            dw2 += dy2.T @ unfold(i, j)  # (K, R*S*C)
+            dy3 = _by_group(dy2, G)  # (G, rows, K/G)
+            dw3 += dy3.transpose(0, 2, 1) @ _by_group(unfold(i, j), G)  # (G, K/G, R*S*C/G)
             db += ones[:rows] @ dy2  # a GEMV: NumPy's column sum of a narrow matrix is ~10x slower
             if unfold_dy is not None:
-                np.matmul(unfold_dy(i, j), w_rot_t, out=dx[i:j].reshape((j - i) * H * W, C))  # (rows, C)
+                out = _by_group(dx[i:j].reshape((j - i) * H * W, C), G)  # (G, (j-i)*H*W, C/G)
+                np.matmul(_by_group(unfold_dy(i, j), G), w_rot_t, out=out)
             elif need_input_grad:
-                dcols = np.matmul(dy2[None], w_taps).reshape(R * S, j - i, P, Q, C)  # (R*S, j-i, P, Q, C)
+                dcols = np.empty((R * S, rows, C), dtype=dy.dtype)  # (R*S, rows, C)
+                out = dcols.reshape(R * S, rows, G, g.Cg).transpose(0, 2, 1, 3)  # (R*S, G, rows, C/G)
+                np.matmul(dy3[None], w_taps, out=out)
+                dcols = dcols.reshape(R * S, j - i, P, Q, C)  # (R*S, j-i, P, Q, C)
                 for r in range(R):
                     for s in range(S):
                         h0, w0 = r * dh, s * dw
                         dxpad[i:j, h0 : h0 + u * (P - 1) + 1 : u, w0 : w0 + v * (Q - 1) + 1 : v, :] += dcols[r * S + s]
-        partial_dw[slot], partial_db[slot] = dw2, db
+        partial_dw[slot], partial_db[slot] = dw3, db
 
     batch_parallel(work, N, flops=(2 if need_input_grad else 1) * g.flops)
-    dw2, db = partial_dw.pop(0), partial_db.pop(0)
+    dw3, db = partial_dw.pop(0), partial_db.pop(0)
     for slot in partial_dw:
-        dw2 += partial_dw[slot]
+        dw3 += partial_dw[slot]
         db += partial_db[slot]
-    dweight = np.ascontiguousarray(dw2.reshape(K, R, S, C).transpose(0, 3, 1, 2))  # (K, C, R, S)
+    dw5 = dw3.reshape(G, g.Kg, R, S, g.Cg).transpose(0, 1, 4, 2, 3)  # (G, K/G, C/G, R, S)
+    dweight = np.ascontiguousarray(dw5).reshape(g.w_shape)  # (K, C/G, R, S)
     dbias = db if has_bias else None
     if not need_input_grad:
         return None, dweight, dbias

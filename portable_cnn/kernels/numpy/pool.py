@@ -1,71 +1,165 @@
-"""NumPy max pooling: channels-last taps, a running maximum, data-parallel over the batch.
+"""NumPy pooling on channels-last memory: max and average pooling tap by tap, global average pooling as a GEMV.
 
-The same taps as the reference, read channels-last (activations are
-(N, C, H, W) views of (N, H, W, C) memory, see :mod:`.conv`), a running
-maximum updated in place instead of a stacked (N, C, P, Q, R*S) copy, and
-``>`` so the first maximum wins. The argmax is the tap index ``r*S + s``, as
-the reference's, in int8 for windows of up to 127 taps (written once, read
-``R*S`` times) and int64 above.
+Activations are (N, C, H, W) views of (N, H, W, C) memory (see :mod:`.conv`),
+and every output here is one too. Max and average pooling read the same
+taps as the reference from the channels-last *frame* (the input padded by
+``a, b`` and, under ``ceil_mode``, grown to hold the last window; see
+:class:`~portable_cnn.geometry.PoolGeometry`), accumulate in place instead
+of stacking an (N, C, P, Q, R*S) copy, and split the batch over the thread
+pool. Max pooling keeps a running maximum updated where a tap is strictly
+greater, so the first maximum wins; its argmax is the tap index ``r*S + s``,
+as the reference's, in int8 for windows of up to 127 taps (written once,
+read ``R*S`` times) and int64 above. Global average pooling sums each
+sample's ``H*W`` rows of ``C`` channels with one BLAS product.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .parallel import batch_parallel
+from .parallel import batch_parallel, parallel_copy
 
-__all__ = ["max_pool2d_forward", "max_pool2d_backward"]
+__all__ = [
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "global_avg_pool2d_forward",
+    "global_avg_pool2d_backward",
+]
 
 
 def _nhwc_taps(g):
+    """Index tuples into the (N, frame_height, frame_width, C) frame, one (N, P, Q, C) tap per ``(r, s)``, row-major."""
     for r in range(g.R):
         for s in range(g.S):
-            yield slice(None), slice(r, r + g.u * (g.P - 1) + 1, g.u), slice(s, s + g.v * (g.Q - 1) + 1, g.v), slice(None)
+            h0, w0 = r * g.dh, s * g.dw
+            rows, cols = slice(h0, h0 + g.u * (g.P - 1) + 1, g.u), slice(w0, w0 + g.v * (g.Q - 1) + 1, g.v)
+            yield slice(None), rows, cols, slice(None)
+
+
+def _nhwc_frame(x, g, fill: float):
+    """``x`` as (N, frame_height, frame_width, C): a view when there is no padding to add, else a filled copy."""
+    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if (g.frame_height, g.frame_width) == (g.H, g.W):
+        return xt
+    frame = np.full((g.N, g.frame_height, g.frame_width, g.C), fill, dtype=x.dtype)
+    frame[:, g.a : g.a + g.H, g.b : g.b + g.W, :] = xt
+    return frame  # (N, frame_height, frame_width, C)
+
+
+def _crop(frame, g):
+    """The input's part of a (N, frame_height, frame_width, C) frame, as an (N, C, H, W) view."""
+    return frame[:, g.a : g.a + g.H, g.b : g.b + g.W, :].transpose(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def _windows_disjoint(g) -> bool:
+    """No two windows share an element (stride at least the dilated kernel): each tap writes elements of its own."""
+    return g.u >= g.dh * (g.R - 1) + 1 and g.v >= g.dw * (g.S - 1) + 1
 
 
 def max_pool2d_forward(xp, x, g):
     """``(y, argmax)`` as (N, C, P, Q) views of channels-last memory."""
-    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
-    N, H, W, C = xt.shape
-    a, b = g.a, g.b
-    if a or b:
-        xpad = np.full((N, H + 2 * a, W + 2 * b, C), -np.inf, dtype=x.dtype)
-        xpad[:, a : a + H, b : b + W, :] = xt
-        xt = xpad  # (N, H+2a, W+2b, C)
-    best = np.empty((N, g.P, g.Q, C), dtype=x.dtype)  # (N, P, Q, C)
+    frame = _nhwc_frame(x, g, -np.inf)  # (N, frame_height, frame_width, C)
+    best = np.empty((g.N, g.P, g.Q, g.C), dtype=x.dtype)  # (N, P, Q, C)
     index_dtype = np.int8 if g.taps <= 127 else np.int64
-    argmax = np.zeros((N, g.P, g.Q, C), dtype=index_dtype)  # (N, P, Q, C)
+    argmax = np.zeros((g.N, g.P, g.Q, g.C), dtype=index_dtype)  # (N, P, Q, C)
 
     def work(lo, hi, slot):  # each thread pools its own samples
         taps = _nhwc_taps(g)
-        np.copyto(best[lo:hi], xt[lo:hi][next(taps)])
+        np.copyto(best[lo:hi], frame[lo:hi][next(taps)])
         for k, index in enumerate(taps, start=1):
-            tap = xt[lo:hi][index]
+            tap = frame[lo:hi][index]
             # Taps come in increasing k, so "set k where this tap is strictly
             # greater" is a maximum with k * mask: elementwise ufuncs only,
             # several times faster than boolean-mask assignment or np.where.
             np.maximum(argmax[lo:hi], np.multiply(tap > best[lo:hi], k, dtype=index_dtype), out=argmax[lo:hi])
             np.maximum(best[lo:hi], tap, out=best[lo:hi])
 
-    batch_parallel(work, N)
+    batch_parallel(work, g.N)
     return best.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)  # (N, C, P, Q) views
 
 
 def max_pool2d_backward(xp, dy, argmax, g):
     """``dx`` (N, C, H, W), a view of channels-last memory."""
-    N, C, H, W = g.x_shape
-    a, b = g.a, g.b
     dyt, argt = dy.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)  # (N, P, Q, C)
-    dxpad = np.zeros((N, H + 2 * a, W + 2 * b, C), dtype=dy.dtype)  # (N, H+2a, W+2b, C)
-    disjoint = g.u >= g.R and g.v >= g.S  # windows do not overlap: each tap writes its own elements
+    frame = np.zeros((g.N, g.frame_height, g.frame_width, g.C), dtype=dy.dtype)  # (N, frame_height, frame_width, C)
+    disjoint = _windows_disjoint(g)
 
     def work(lo, hi, slot):  # each thread routes its own samples' gradients
         for k, index in enumerate(_nhwc_taps(g)):
             # A product, not np.where: the same result, several times faster.
             if disjoint:
-                np.multiply(dyt[lo:hi], argt[lo:hi] == k, out=dxpad[lo:hi][index])
+                np.multiply(dyt[lo:hi], argt[lo:hi] == k, out=frame[lo:hi][index])
             else:
-                dxpad[lo:hi][index] += dyt[lo:hi] * (argt[lo:hi] == k)
+                frame[lo:hi][index] += dyt[lo:hi] * (argt[lo:hi] == k)
 
-    batch_parallel(work, N)
-    return dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view
+    batch_parallel(work, g.N)
+    return _crop(frame, g)
+
+
+def _nhwc_divisor(g, dtype):
+    """The average's divisor: a Python int when every window shares it, else a (P, Q, 1) array for (N, P, Q, C)."""
+    uniform = g.uniform_divisor
+    if uniform is not None:
+        return uniform
+    rows, cols = g.avg_divisors()
+    return np.asarray(rows, dtype=dtype)[:, None, None] * np.asarray(cols, dtype=dtype)[None, :, None]  # (P, Q, 1)
+
+
+def avg_pool2d_forward(xp, x, g):
+    """``y`` (N, C, P, Q), a view of channels-last memory: the window sums (padding as 0) over their divisors."""
+    frame = _nhwc_frame(x, g, 0.0)  # (N, frame_height, frame_width, C)
+    total = np.empty((g.N, g.P, g.Q, g.C), dtype=x.dtype)  # (N, P, Q, C)
+    divisor = _nhwc_divisor(g, x.dtype)
+
+    def work(lo, hi, slot):  # each thread pools its own samples
+        taps = _nhwc_taps(g)
+        np.copyto(total[lo:hi], frame[lo:hi][next(taps)])
+        for index in taps:
+            total[lo:hi] += frame[lo:hi][index]
+        np.divide(total[lo:hi], divisor, out=total[lo:hi])
+
+    batch_parallel(work, g.N)
+    return total.transpose(0, 3, 1, 2)  # (N, C, P, Q) view
+
+
+def avg_pool2d_backward(xp, dy, g):
+    """``dx`` (N, C, H, W), a view of channels-last memory: each window's ``dy`` over its divisor, on each tap."""
+    dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, C)
+    frame = np.zeros((g.N, g.frame_height, g.frame_width, g.C), dtype=dy.dtype)  # (N, frame_height, frame_width, C)
+    divisor = _nhwc_divisor(g, dy.dtype)
+    disjoint = _windows_disjoint(g)
+
+    def work(lo, hi, slot):  # each thread spreads its own samples' gradients
+        share = dyt[lo:hi] / divisor  # (n, P, Q, C)
+        for index in _nhwc_taps(g):
+            if disjoint:
+                np.copyto(frame[lo:hi][index], share)
+            else:
+                frame[lo:hi][index] += share
+
+    batch_parallel(work, g.N)
+    return _crop(frame, g)
+
+
+def global_avg_pool2d_forward(xp, x, g):
+    """``y`` (N, C, 1, 1): each sample's mean over ``H, W``, as a GEMV on channels-last memory."""
+    N, C, H, W = g.x_shape
+    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if not xt.flags.c_contiguous:  # not channels-last: NumPy's reduction reads that layout well enough
+        return np.mean(x, axis=(2, 3), keepdims=True)
+    # One (1, H*W) @ (H*W, C) product per sample: BLAS sums the rows of C
+    # channels 3-6x faster than np.mean over the two strided axes for
+    # CIFAR-sized layers, as fast where both wait on memory (7x7x1024).
+    ones = np.ones((1, H * W), dtype=x.dtype)
+    total = np.matmul(ones, xt.reshape(N, H * W, C))  # (N, 1, C)
+    return (total / (H * W)).reshape(N, C, 1, 1)  # (N, C, 1, 1)
+
+
+def global_avg_pool2d_backward(xp, dy, g):
+    """``dx`` (N, C, H, W), a view of channels-last memory: ``dy / (H*W)`` at every position."""
+    N, C, H, W = g.x_shape
+    dx = np.empty((N, H, W, C), dtype=dy.dtype)  # (N, H, W, C)
+    parallel_copy(dx, dy.reshape(N, 1, 1, C) / (H * W))  # (N, C, 1, 1) read as (N, 1, 1, C): the same order
+    return dx.transpose(0, 3, 1, 2)  # (N, C, H, W) view

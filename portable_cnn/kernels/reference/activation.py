@@ -2,7 +2,9 @@
 
 Each backward takes what its forward cached: ``relu`` the input (its sign is
 the mask), ``sigmoid`` and ``tanh`` their output, whose derivative is a
-function of the output alone (docs/derivation.md, section 8).
+function of the output alone (docs/derivation.md, section 8). Every
+function returns an array, a 0-d one for a 0-d input: NumPy's operators and
+ufuncs give a scalar there, which ``xp.asarray`` turns back into an array.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ def sigmoid_forward(xp, x):
 
 def sigmoid_backward(xp, dy, y):
     """``dy * y * (1 - y)``."""
-    return dy * y * (1 - y)
+    return xp.asarray(dy * y * (1 - y))
 
 
 def tanh_forward(xp, x):
     """Hyperbolic tangent."""
-    return xp.tanh(x)
+    return xp.asarray(xp.tanh(x))
 
 
 def tanh_backward(xp, dy, y):
     """``dy * (1 - y**2)``."""
-    return dy * (1 - y * y)
+    return xp.asarray(dy * (1 - y * y))

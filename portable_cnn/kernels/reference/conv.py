@@ -10,6 +10,17 @@ cols`` and ``dx = col2im(dY2 @ W2)``, and ``db`` the column sums of ``dY2``
 (shapes in :mod:`portable_cnn.ops.conv`, derivation in docs/derivation.md,
 sections 3-5).
 
+With ``G`` groups the same three products run once per group, as one
+matmul over a stack of ``G`` matrices (section 5a): group ``g`` owns the
+columns ``g*C/G*R*S .. (g+1)*C/G*R*S - 1`` of ``cols`` (the ``(c, r, s)``
+order puts each group's channels side by side) and the output channels
+``g*K/G .. (g+1)*K/G - 1``::
+
+    cols3 = cols as (G, N*P*Q, C/G*R*S)       W3  = W as (G, K/G, C/G*R*S)
+    y3    = cols3 @ W3.mT                     # (G, N*P*Q, K/G)
+    dW3   = dY3.mT @ cols3                    # (G, K/G, C/G*R*S)
+    dcols = dY3 @ W3                          # (G, N*P*Q, C/G*R*S)
+
 A batch whose im2col matrix would exceed ``config workspace_mb`` is
 convolved in slices of the batch: the forward concatenates the slices'
 outputs and keeps no columns, the backward adds the slices' weight and bias
@@ -50,6 +61,32 @@ def column_sums(xp, a):
     return xp.sum(a, axis=0)
 
 
+def _by_group(xp, a, G):
+    """``(rows, G*m)`` as ``G`` matrices ``(G, rows, m)``, group ``g`` its ``g``-th run of ``m`` columns.
+
+    With one group it is ``a`` itself: a plain 2-D GEMM, which CuPy runs on
+    transposed operands without the copies its batched matmul makes.
+    """
+    if G == 1:
+        return a
+    rows, width = a.shape
+    return xp.permute_dims(xp.reshape(a, (rows, G, width // G)), (1, 0, 2))  # (rows, G, m) -> (G, rows, m)
+
+
+def _ungroup(xp, a):
+    """The inverse of :func:`_by_group`: ``(G, rows, m)`` back to ``(rows, G*m)``."""
+    if a.ndim == 2:
+        return a
+    G, rows, m = a.shape
+    return xp.reshape(xp.permute_dims(a, (1, 0, 2)), (rows, G * m))  # (rows, G, m) -> (rows, G*m)
+
+
+def _weight_by_group(xp, weight, g):
+    """``(K, C/G, R, S)`` as ``(G, K/G, C/G*R*S)``, or ``W2 = (K, C*R*S)`` with one group."""
+    shape = (g.K, g.Cg * g.R * g.S) if g.G == 1 else (g.G, g.Kg, g.Cg * g.R * g.S)
+    return xp.reshape(weight, shape)
+
+
 def _samples_per_slice(xp, x, g) -> int:
     itemsize = xp.finfo(x.dtype).bits // 8
     return g.samples_per_slice(itemsize, setting("workspace_mb") * 2**20)
@@ -66,8 +103,8 @@ def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout):
         ]
         return xp.concat(parts, axis=0), None  # (N, K, P, Q); the backward unfolds its slices again
     cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
-    w2 = xp.reshape(weight, (g.K, g.C * g.R * g.S))  # (K, C*R*S)
-    y = cols @ w2.T  # (N*P*Q, K)
+    w3 = _weight_by_group(xp, weight, g)  # (G, K/G, C/G*R*S)
+    y = _ungroup(xp, _by_group(xp, cols, g.G) @ xp.matrix_transpose(w3))  # (G, N*P*Q, K/G) -> (N*P*Q, K)
     if bias is not None:
         y = y + bias
     y = xp.permute_dims(xp.reshape(y, (g.N, g.P, g.Q, g.K)), (0, 3, 1, 2))  # (N, K, P, Q)
@@ -82,12 +119,14 @@ def gemm_backward(xp, dy, x, weight, g, *, cols, has_bias, need_input_grad, unfo
             return _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums)
         cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
-    w2 = xp.reshape(weight, (g.K, g.C * g.R * g.S))  # (K, C*R*S)
-    dweight = xp.reshape(dy2.T @ cols, g.w_shape)  # (K, C*R*S) -> (K, C, R, S)
+    dy3 = _by_group(xp, dy2, g.G)  # (G, N*P*Q, K/G)
+    dw3 = xp.matrix_transpose(dy3) @ _by_group(xp, cols, g.G)  # (G, K/G, C/G*R*S)
+    dweight = xp.reshape(dw3, g.w_shape)  # (K, C/G, R, S)
     dbias = sums(xp, dy2) if has_bias else None  # (K,)
     if not need_input_grad:
         return None, dweight, dbias
-    dx = fold(xp, dy2 @ w2, g)  # (N*P*Q, C*R*S) -> (N, C, H, W)
+    dcols = _ungroup(xp, dy3 @ _weight_by_group(xp, weight, g))  # (G, N*P*Q, C/G*R*S) -> (N*P*Q, C*R*S)
+    dx = fold(xp, dcols, g)  # (N, C, H, W)
     return dx, dweight, dbias
 
 

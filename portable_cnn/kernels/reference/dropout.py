@@ -1,4 +1,7 @@
-"""Inverted dropout in the array API standard (the reference); formulas in :mod:`portable_cnn.ops.dropout`."""
+"""Inverted dropout in the array API standard (the reference); formulas in :mod:`portable_cnn.ops.dropout`.
+
+``xp.asarray`` keeps a 0-d result an array: NumPy's operators give a scalar there.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ def dropout_forward(xp, x, p, mask_uniform):
         # 1 / (1 - p) is infinite: everything is dropped (0 * inf would be NaN).
         mask = xp.zeros_like(x)
     else:
-        mask = xp.astype(mask_uniform >= p, x.dtype) * (1.0 / (1.0 - p))
-    return x * mask, mask
+        mask = xp.asarray(xp.astype(mask_uniform >= p, x.dtype) * (1.0 / (1.0 - p)))
+    return xp.asarray(x * mask), mask
 
 
 def dropout_backward(xp, dy, mask):
     """``dy * mask``."""
-    return dy * mask
+    return xp.asarray(dy * mask)

@@ -6,6 +6,9 @@ transposed GEMMs (docs/derivation.md, section 9)::
     dx = dy @ W        # (N, in)
     dW = dy.T @ x      # (out, in)
     db = sum_n dy      # (out,)
+
+``N`` counts rows: the op (:mod:`portable_cnn.ops.linear`) hands over an
+``(N, *, in)`` or ``(in,)`` input with its leading axes flattened into rows.
 """
 
 from __future__ import annotations
