@@ -23,6 +23,12 @@ During ``fit`` the trainer's ``target_epochs`` is the epoch count it trains
 towards, ``epoch`` the completed epochs, ``step`` the optimizer steps and
 ``batch_in_epoch`` the batches done in the current epoch.
 
+In data-parallel training (a trainer given ``comm=``, :mod:`portable_cnn.distributed`)
+callbacks run on rank 0 only, so that the bar, the lines, the log and the
+checkpoint come once; a callback whose ``every_rank`` attribute is true runs
+on every rank (``trainer.rank`` says which). Every rank sees the same
+metrics: they are summed over the ranks.
+
 >>> from portable_cnn import data, models, optim
 >>> from portable_cnn.train import Trainer
 >>> class AccuracyPrinter(Callback):
@@ -46,6 +52,9 @@ __all__ = ["Callback", "Checkpointing", "ConsoleLines", "JsonLog", "ProgressBar"
 
 class Callback:
     """Base class: every hook does nothing (see the module docstring for when each is called)."""
+
+    #: In data-parallel training, run on every rank instead of rank 0 only.
+    every_rank = False
 
     def on_fit_start(self, trainer) -> None:
         """``fit`` begins."""
@@ -118,7 +127,7 @@ class ProgressBar(Callback):
 
 
 class JsonLog(Callback):
-    """One JSON line per epoch (:meth:`portable_cnn.train.EpochResult.as_dict`).
+    """One JSON line per epoch (:meth:`portable_cnn.train.EpochResult.as_dict`, with the ``world_size`` that trained it).
 
     Parameters
     ----------

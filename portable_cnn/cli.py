@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import sys
 import time
+from contextlib import contextmanager
 
 from . import __version__
 from .config import ConfigError
@@ -43,11 +44,18 @@ __all__ = ["main", "build_parser", "DEFAULT_MODEL", "TRAIN_DEFAULTS", "EXTENSION
 #: Subcommands living in other modules: (command, module, function that adds its
 #: parser, help line). The module is imported only when its command runs; the
 #: others list it in ``--help`` from the help line alone.
-EXTENSIONS = (("bench", "portable_cnn.bench", "add_bench_parser", "training/inference images/s beside native PyTorch"),)
+EXTENSIONS = (
+    ("bench", "portable_cnn.bench", "add_bench_parser", "training/inference images/s beside native PyTorch"),
+    ("check", "portable_cnn.check", "add_check_parser", "every op and a small net on every installed backend "
+                                                        "against the NumPy reference"),
+    ("predict", "portable_cnn.predict", "add_predict_parser", "classify images or a dataset with a checkpoint"),
+    ("export", "portable_cnn.onnx", "add_export_parser", "write a checkpoint's model as an ONNX file"),
+)
 
 # The train options that are settings of the run (RunConfig fields of the same name).
 RUN_OPTIONS = ("model", "dataset", "data", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-               "schedule", "seed", "dtype", "log_every", "backend", "threads", "tf32", "checkpoint")
+               "schedule", "seed", "dtype", "log_every", "backend", "threads", "tf32", "checkpoint", "distributed",
+               "sync_batchnorm")
 
 PROG = "portable-cnn"
 
@@ -142,6 +150,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, default=None,
                    help=f"read the loss back from the device every N steps (default: {d['log_every']})")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines, only the result")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of 'mpiexec -n N' (or srun): --batch-size is the global batch "
+                        "and the result is that of one process; needs mpi4py (pip install 'portable-cnn[mpi]')")
+    p.add_argument("--per-rank-batchnorm", dest="sync_batchnorm", action="store_false",
+                   help="with --distributed: BatchNorm statistics of each rank's share of the batch "
+                        "(default: of the global batch, as one process)")
     p.set_defaults(func=run_train)
     return p
 
@@ -195,8 +209,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _say(args, text: str) -> None:
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and getattr(args, "rank", 0) == 0:
         print(text, flush=True)
+
+
+def _join_or_refuse(args):
+    """The job's communicator under ``--distributed``; without it, refuse a launch of several processes.
+
+    Sets ``args.rank`` (from the launcher's environment, or the
+    communicator): only rank 0 prints.
+    """
+    from .distributed import launcher_world_size
+    from .run import join_job
+
+    size, args.rank, variable = launcher_world_size()
+    if not args.distributed:
+        if size > 1:
+            raise RunError(f"{size} processes were launched ({variable}={size}) without --distributed: each would "
+                           f"train its own copy of the model. Add --distributed, or start one process")
+        return None
+    comm = join_job(args.backend)
+    args.rank = comm.rank
+    return comm
+
+
+@contextmanager
+def _on_every_rank(comm):
+    """Run a block on every rank; when it raises :class:`RunError` on any, raise it on all (the first failing rank's message).
+
+    Every rank then exits with status 2 together, instead of one leaving the
+    others waiting in their first collective call.
+    """
+    failure = None
+    try:
+        yield
+    except RunError as exc:
+        if comm is None:
+            raise
+        failure = str(exc)
+    if comm is not None:
+        for rank, message in enumerate(comm.allgather_object(failure)):
+            if message is not None:
+                raise RunError(message if rank == 0 else f"rank {rank}: {message}")
 
 
 def _apply_settings(args) -> None:
@@ -226,11 +280,14 @@ def run_train(args) -> int:
     from .train import NonFiniteLossError, TrainingInterrupted, evaluate
 
     _apply_settings(args)
+    comm = _join_or_refuse(args)
     settings = {name: getattr(args, name) for name in RUN_OPTIONS}
-    config = RunConfig.resume(args.resume, **settings) if args.resume else RunConfig(**settings)
-    run = Run(config, callbacks=[] if args.quiet else [ProgressBar(), ConsoleLines()])
+    with _on_every_rank(comm):
+        config = RunConfig.resume(args.resume, **settings) if args.resume else RunConfig(**settings)
+        run = Run(config, callbacks=[] if args.quiet else [ProgressBar(), ConsoleLines()], comm=comm)
     log_file = None
-    if args.log_json:  # opened once the run is known to start, so a failed start leaves an old log alone
+    # Opened once the run is known to start, so a failed start leaves an old log alone; by rank 0 only.
+    if args.log_json and args.rank == 0:
         try:
             log_file = open(args.log_json, "a" if args.resume else "w", encoding="utf-8")
         except OSError as exc:
@@ -243,13 +300,17 @@ def run_train(args) -> int:
         start = time.perf_counter()
         try:
             run.fit()
+        # With --distributed both come on every rank at the same step (the
+        # loss and the stop flags are summed over the ranks): rank 0 speaks.
         except NonFiniteLossError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            if args.rank == 0:
+                print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 1
         except TrainingInterrupted as exc:
-            print(f"\n{PROG}: {exc}", file=sys.stderr)
-            if exc.checkpoint_path is not None:
-                print(f"{PROG}: resume with: {PROG} train --resume {exc.checkpoint_path}", file=sys.stderr)
+            if args.rank == 0:
+                print(f"\n{PROG}: {exc}", file=sys.stderr)
+                if exc.checkpoint_path is not None:
+                    print(f"{PROG}: resume with: {PROG} train --resume {exc.checkpoint_path}", file=sys.stderr)
             return 130
         elapsed = time.perf_counter() - start
     finally:
@@ -262,8 +323,9 @@ def run_train(args) -> int:
     else:  # a checkpoint from before this version's metrics, already done
         accuracy = evaluate(run.model, dataset.x_test, dataset.y_test).accuracy
     n = len(dataset.y_test)
-    print(f"test accuracy: {accuracy:.2%} ({round(accuracy * n)}/{n}) after {run.trainer.epoch} epochs "
-          f"on {run.backend}, {elapsed:.1f} s training")
+    if args.rank == 0:
+        print(f"test accuracy: {accuracy:.2%} ({round(accuracy * n)}/{n}) after {run.trainer.epoch} epochs "
+              f"on {run.backend}, {elapsed:.1f} s training")
     if config.checkpoint is not None:
         _say(args, f"checkpoint: {config.checkpoint}")
     return 0
@@ -333,5 +395,6 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (RunError, ConfigError) as exc:  # the user's settings, data or checkpoint: one line, no traceback
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "rank", 0) == 0:  # the same error on every rank of a launch: said once
+            print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2

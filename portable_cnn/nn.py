@@ -33,6 +33,7 @@ import numpy as np
 
 from . import backend, ops
 from .geometry import AdaptivePoolGeometry, check_groups, pair
+from .kernels.reference.norm import running_statistics
 from .ops.dropout import check_probability
 from .ops.softmax import check_loss_options
 
@@ -761,6 +762,17 @@ class _BatchNorm(Module):
     cumulative mean, weight ``1 / num_batches_tracked``, which reads the
     counter back to the host); in evaluation mode it uses the running ones,
     or the batch's without them.
+
+    Data-parallel training (:func:`portable_cnn.distributed.attach`) sets
+    ``replicas``: an object with ``rows``, ``(start, total)`` (this rank's
+    input is rows ``start:start + N`` of a global batch of ``total``), and
+    ``sum(array)`` (the array summed over all ranks). Training then uses
+    the statistics of the global batch, as one process given the whole batch
+    would: ``sum(x)`` and then ``sum((x - mean)**2)`` are summed over the
+    ranks in the forward, ``sum(dy)`` and ``sum(dy * xhat)`` in the backward
+    (the formulas of :mod:`portable_cnn.ops.norm` with global sums; the
+    parameter gradients stay this rank's share, summed with the others by
+    the optimizer).
     """
 
     _layouts: dict = {}  # input ndim -> its axes, as errors name them
@@ -780,6 +792,7 @@ class _BatchNorm(Module):
             self.buffers["running_mean"] = np.zeros(self.num_features, dtype=np.float32)
             self.buffers["running_var"] = np.ones(self.num_features, dtype=np.float32)
             self.buffers["num_batches_tracked"] = np.zeros((), dtype=np.int64)
+        self.replicas = None  # set for data-parallel training (class docstring)
         self._cache = None
 
     def _param_shapes(self):
@@ -800,20 +813,80 @@ class _BatchNorm(Module):
         momentum = self.momentum
         if updating and momentum is None:
             momentum = 1.0 / (int(self.buffers["num_batches_tracked"]) + 1)
-        y, self._cache, running_mean, running_var = ops.batch_norm(
-            x, self.params.get("weight"), self.params.get("bias"), self.buffers.get("running_mean"),
-            self.buffers.get("running_var"), training=self.training, momentum=momentum, eps=self.eps, where=self.where,
-        )
+        if self.training and self.replicas is not None:
+            y, self._cache, running_mean, running_var = self._forward_global(x, momentum)
+        else:
+            y, self._cache, running_mean, running_var = ops.batch_norm(
+                x, self.params.get("weight"), self.params.get("bias"), self.buffers.get("running_mean"),
+                self.buffers.get("running_var"), training=self.training, momentum=momentum, eps=self.eps, where=self.where,
+            )
         if updating:
             self.buffers["running_mean"], self.buffers["running_var"] = running_mean, running_var
             self.buffers["num_batches_tracked"] = self.buffers["num_batches_tracked"] + 1
         return y
 
     def backward(self, dy, need_input_grad=True):
+        if isinstance(self._cache, _GlobalBatchCache):
+            return self._backward_global(dy, need_input_grad)
         dx, dweight, dbias = ops.batch_norm_backward(dy, self._cache)
         if self.affine:
             self.grads["weight"], self.grads["bias"] = dweight, dbias
         return dx if need_input_grad else None
+
+    # ------------------------------------------- statistics of a batch split across ranks
+
+    def _forward_global(self, x, momentum):
+        """Training forward with the global batch's statistics: ``(y, cache, new_running_mean, new_running_var)``."""
+        xp = backend.namespace(x, where=self.where)
+        axes = (0, *range(2, x.ndim))
+        _, total = self.replicas.rows
+        M = total * math.prod(x.shape[2:])  # values per channel in the global batch
+        if M <= 1:
+            raise ValueError(f"{self.where}: expected more than 1 value per channel when training, got a global batch "
+                             f"of input shape {(total, *tuple(x.shape[1:]))}")
+        # Two passes, as the reference takes them: the mean first, then the
+        # centred squares, each summed over the ranks (C values per Allreduce).
+        mean = self.replicas.sum(xp.sum(x, axis=axes)) / M  # (C,)
+        centred = x - _per_channel(xp, mean, x.ndim)  # (N, C, *spatial)
+        var = self.replicas.sum(xp.sum(centred * centred, axis=axes)) / M  # (C,) biased
+        inv_std = 1.0 / xp.sqrt(var + self.eps)  # (C,)
+        xhat = centred * _per_channel(xp, inv_std, x.ndim)
+        y = xhat
+        if self.affine:
+            y = xhat * _per_channel(xp, self.params["weight"], x.ndim) + _per_channel(xp, self.params["bias"], x.ndim)
+        running_mean, running_var = self.buffers.get("running_mean"), self.buffers.get("running_var")
+        if running_mean is not None:
+            running_mean, running_var = running_statistics(running_mean, running_var, mean, var, M, momentum)
+        return y, _GlobalBatchCache(xhat, inv_std, M), running_mean, running_var
+
+    def _backward_global(self, dy, need_input_grad):
+        """Backward of :meth:`_forward_global`: ``dx = weight * inv_std * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)``, global sums."""
+        xhat, inv_std, M = self._cache
+        xp = backend.namespace(dy, xhat, where=self.where)
+        if tuple(dy.shape) != tuple(xhat.shape):
+            raise ValueError(f"{self.where}: expected output gradient of shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
+        axes, ndim = (0, *range(2, dy.ndim)), dy.ndim
+        sums = xp.stack([xp.sum(dy, axis=axes), xp.sum(dy * xhat, axis=axes)])  # (2, C): this rank's sum(dy), sum(dy * xhat)
+        if self.affine:
+            self.grads["bias"], self.grads["weight"] = sums[0, :], sums[1, :]
+        if not need_input_grad:
+            return None
+        total = self.replicas.sum(sums)  # (2, C) over the global batch
+        scale = inv_std if not self.affine else self.params["weight"] * inv_std  # (C,)
+        centred = dy - _per_channel(xp, total[0, :] / M, ndim) - xhat * _per_channel(xp, total[1, :] / M, ndim)
+        return centred * _per_channel(xp, scale, ndim)
+
+
+class _GlobalBatchCache(tuple):
+    """What :meth:`_BatchNorm._backward_global` needs: ``(xhat, inv_std, M)``, ``M`` the global values per channel."""
+
+    def __new__(cls, xhat, inv_std, M):
+        return super().__new__(cls, (xhat, inv_std, M))
+
+
+def _per_channel(xp, v, ndim):
+    """A ``(C,)`` vector shaped to broadcast against ``(N, C, *spatial)``."""
+    return xp.reshape(v, (1, v.shape[0]) + (1,) * (ndim - 2))  # (1, C, 1, ...)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -858,6 +931,13 @@ class Dropout(Module):
     :func:`manual_seed` seeds, looked up at each call as PyTorch's global
     generator is.
 
+    In data-parallel training (:func:`portable_cnn.distributed.attach`)
+    ``replicas.rows`` is ``(start, total)``: this rank's input is rows
+    ``start:start + N`` of a global batch of ``total``. Every rank then draws
+    the mask of the whole global batch from its (identically seeded)
+    generator and keeps its own rows, so the masks, and the training, do not
+    depend on how the batch is split.
+
     >>> import numpy as np
     >>> from portable_cnn import nn
     >>> drop = nn.Dropout(0.5, rng=0)
@@ -871,6 +951,7 @@ class Dropout(Module):
         super().__init__()
         self.p = check_probability(p, "Dropout")
         self.rng = None if rng is None else _generator(rng)
+        self.replicas = None  # set for data-parallel training (class docstring)
         self._mask = None
 
     def extra_repr(self):
@@ -882,7 +963,13 @@ class Dropout(Module):
             self._mask = None
             return x
         xp = backend.namespace(x, where=self.where)
-        uniform = backend.random_uniform(xp, tuple(x.shape), _generator(self.rng), dtype=x.dtype, device=backend.device(x))
+        shape, generator, device = tuple(x.shape), _generator(self.rng), backend.device(x)
+        if self.replicas is None or not shape:
+            uniform = backend.random_uniform(xp, shape, generator, dtype=x.dtype, device=device)
+        else:
+            start, total = self.replicas.rows
+            uniform = backend.random_uniform(xp, (total, *shape[1:]), generator, dtype=x.dtype, device=device)
+            uniform = uniform[start:start + shape[0], ...]  # this rank's rows of the global batch's mask
         y, self._mask = ops.dropout(x, self.p, uniform, where=self.where)
         return y
 

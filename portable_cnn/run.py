@@ -59,6 +59,7 @@ __all__ = [
     "RunConfig",
     "RunError",
     "cpu_threads",
+    "join_job",
     "load_data",
     "read_checkpoint",
     "select_backend",
@@ -112,6 +113,16 @@ def _infer_dataset(data) -> str:
     if str(data).lower().endswith(".npz"):
         return "npz"
     raise RunError(f"--data {data}: say which format it is with --dataset mnist, cifar10 or npz")
+
+
+def join_job(backend_name: str = "auto"):
+    """:func:`portable_cnn.distributed.init` for a run on ``backend_name``, its errors as a :class:`RunError`."""
+    from . import distributed
+
+    try:
+        return distributed.init(backend_name)
+    except (distributed.DistributedError, BackendUnavailableError, ValueError) as exc:
+        raise RunError(str(exc)) from None
 
 
 def read_checkpoint(path) -> Checkpoint:
@@ -261,6 +272,14 @@ class RunConfig:
     checkpoint : path, optional
         Written after every epoch; a resumed run defaults to the file it
         resumes. Ctrl-C saves here, or to ``./<model>-interrupted.safetensors``.
+    distributed : bool, default False
+        Train data-parallel over the ranks of the MPI job this process runs
+        in (``mpiexec -n N``; :mod:`portable_cnn.distributed`): the same
+        result as one process with the same (global) ``batch_size``. Free on
+        resume: a run resumes with any number of ranks.
+    sync_batchnorm : bool, default True
+        With ``distributed``: BatchNorm statistics over the global batch;
+        ``False``: each rank's own.
     resume_from : Checkpoint, optional
         The run to continue; see :meth:`resume`.
     """
@@ -282,6 +301,8 @@ class RunConfig:
     threads: int | None = None
     tf32: bool | None = None
     checkpoint: str | os.PathLike | None = None
+    distributed: bool = False
+    sync_batchnorm: bool = True
     resume_from: Checkpoint | None = field(default=None, repr=False)
 
     @classmethod
@@ -292,7 +313,8 @@ class RunConfig:
         checkpoint fixes (model, data, batch size, optimizer and its
         hyperparameters, schedule, seed, dtype) may be repeated but not
         changed. ``epochs``, ``log_every``, ``backend``, ``threads``, ``tf32``
-        and ``checkpoint`` (default: the resumed file) are free.
+        ``checkpoint`` (default: the resumed file), ``distributed`` and
+        ``sync_batchnorm`` are free: a run resumes with any number of ranks.
 
         Raises
         ------
@@ -425,7 +447,10 @@ class Run:
     config : RunConfig
     callbacks : sequence of portable_cnn.callbacks.Callback, optional
         Added after the checkpointing: ``ProgressBar()``, ``JsonLog(path)``,
-        ``ConsoleLines()``, ...
+        ``ConsoleLines()``, ... (with ``comm``, run on rank 0 only).
+    comm : portable_cnn.distributed.Communicator, optional
+        Train data-parallel over its ranks; default: :func:`join_job` when
+        ``config.distributed``, else none.
 
     Attributes
     ----------
@@ -445,10 +470,12 @@ class Run:
         The backend, the data, the model or the checkpoint cannot be used.
     """
 
-    def __init__(self, config: RunConfig, *, callbacks=()):
+    def __init__(self, config: RunConfig, *, callbacks=(), comm=None):
         self.config = cfg = config
         ckpt = cfg.resume_from
-        self.backend, self.backend_reason = select_backend(cfg.backend)
+        # Joined first: with GPUs, each rank picks its own before anything touches one.
+        self.comm = comm if comm is not None or not cfg.distributed else join_job(cfg.backend)
+        self.backend, self.backend_reason = select_backend(getattr(self.comm, "backend", None) or cfg.backend)
         self.dataset = ds = load_data(cfg.dataset, cfg.data, ckpt)
         c, h, w = ds.input_shape
         self.model_name = cfg.model or _default_model(ds.input_shape)
@@ -480,6 +507,7 @@ class Run:
                 self.model, self.optimizer, ds, scheduler=self.scheduler, scheduler_config=self.scheduler_config,
                 batch_size=cfg.batch_size, seed=cfg.seed, log_every=cfg.log_every, model_config=model_config,
                 data_config=data_config, train_config=train_config, callbacks=[checkpointing, *callbacks],
+                comm=self.comm, sync_batchnorm=cfg.sync_batchnorm,
             )
             if ckpt is not None:
                 self.trainer.restore(ckpt)
@@ -505,6 +533,12 @@ class Run:
             f"model: {self.model_name} ({n_params:,} parameters, {cfg.dtype}); {cfg.optimizer} ({opt_text}), "
             f"schedule {self.scheduler_config['name']}, batch size {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}",
         ]
+        if self.comm is not None:
+            comm = self.comm
+            statistics = "global" if cfg.sync_batchnorm else "per-rank"
+            lines.append(f"distributed: {comm.size} ranks, all-reduce over {comm.transport}, global batch {cfg.batch_size} "
+                         f"(about {cfg.batch_size / comm.size:g} per rank), {statistics} BatchNorm statistics")
+            lines.extend(f"distributed: {note}" for note in comm.notes)
         ckpt = cfg.resume_from
         if ckpt is not None:
             at = f"epoch {ckpt.epoch}" + (f", batch {ckpt.batch_in_epoch}" if ckpt.batch_in_epoch else "")

@@ -43,13 +43,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from . import backend, nn, ops
+from . import backend, distributed, nn, ops
 from .checkpoint import Checkpoint, generator_state, save_checkpoint
 from .data import iterate_minibatches
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
@@ -178,6 +178,7 @@ class EpochResult:
     images_per_s: float
     lr: float
     seconds: float
+    world_size: int = 1  # ranks that trained it (portable_cnn.distributed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -211,12 +212,29 @@ class Trainer:
         Called in order at each hook (:mod:`portable_cnn.callbacks`):
         ``ProgressBar()``, ``JsonLog(path)``, ``Checkpointing(path)``,
         ``ConsoleLines()`` or your own. Kept as the list :attr:`callbacks`,
-        which may be extended before :meth:`fit`.
+        which may be extended before :meth:`fit`. With ``comm``, they run on
+        rank 0 only, except those whose ``every_rank`` attribute is true.
+    comm : portable_cnn.distributed.Communicator, optional
+        Train data-parallel over its ranks (:mod:`portable_cnn.distributed`;
+        every rank builds the same Trainer). ``batch_size`` is the global
+        batch, and the run does not depend on the number of ranks: every
+        rank draws the same permutation, takes its rows of each batch and
+        backpropagates its loss sum over the global batch size; one
+        Allreduce per step sums the gradients, the loss, the correct count,
+        the sample count and the stop flag. Parameters are broadcast from
+        rank 0 when :meth:`fit` starts (so on resume too); rank 0 writes the
+        checkpoints; a Ctrl-C or SIGTERM on any rank stops every rank at the
+        same step (at the next read-back, ``log_every``); test evaluation is
+        split across the ranks.
+    sync_batchnorm : bool, default True
+        With ``comm``: BatchNorm uses the statistics of the global batch;
+        ``False`` keeps each rank's own (rank 0's running statistics are
+        then given to every rank before each evaluation).
     """
 
     def __init__(self, model, optimizer, dataset, *, scheduler=None, scheduler_config=None, batch_size=32, seed=0,
                  log_every=10, eval_batch_size=256, model_config=None, data_config=None, train_config=None,
-                 callbacks=()):
+                 callbacks=(), comm=None, sync_batchnorm=True):
         for name, value in (("batch_size", batch_size), ("log_every", log_every), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Trainer: {name} must be a positive int, got {value!r}")
@@ -240,12 +258,21 @@ class Trainer:
         self.batch_in_epoch = 0   # batches done in the current epoch
         self.target_epochs = 0    # what the running fit() trains towards
         self._epoch_start_state = None  # shuffle_rng state before this epoch's permutation
-        self._pending = []        # (loss, correct, batch size, step) not yet read back
+        self._pending = []        # (loss, correct, batch size, step, stop flag) not yet read back
         self._sums = [0.0, 0.0, 0]  # this epoch's read-back loss*n, correct, n
         self._images, self._clock = 0, 0.0  # images and start time of this fit's part of the epoch
-        self._stop_requested = False
+        self._stop_requested = False  # a Ctrl-C or SIGTERM here
+        self._stop_agreed = False     # ... read back from the ranks' summed stop flags (with comm)
         self.last_saved: tuple[Path, int] | None = None
         self.history: list[EpochResult] = []
+        self.comm = comm
+        self.rank, self.world_size = (0, 1) if comm is None else (comm.rank, comm.size)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        if comm is not None:
+            self._split = distributed.attach(model, comm, sync_batchnorm=self.sync_batchnorm)
+            self._distributed_optimizer = distributed.DistributedOptimizer(optimizer, comm)
+            # Each rank's loss is its samples' sum over the global batch size (module docstring of distributed).
+            self._sum_loss = nn.SoftmaxCrossEntropy(reduction="sum", validate=False)
 
         check_labels(dataset.y_train, dataset.num_classes, f"dataset {dataset.name!r}: y_train")
         check_labels(dataset.y_test, dataset.num_classes, f"dataset {dataset.name!r}: y_test")
@@ -274,8 +301,9 @@ class Trainer:
         }
 
     def _notify(self, hook: str, *args) -> list:
-        """Call ``hook`` on every callback, in order; their return values."""
-        return [getattr(callback, hook)(self, *args) for callback in self.callbacks]
+        """Call ``hook`` on every callback, in order (on ranks other than 0, those marked ``every_rank`` only); their return values."""
+        callbacks = self.callbacks if self.rank == 0 else [c for c in self.callbacks if getattr(c, "every_rank", False)]
+        return [getattr(callback, hook)(self, *args) for callback in callbacks]
 
     # ------------------------------------------------------------------ state
 
@@ -314,7 +342,7 @@ class Trainer:
         if self.scheduler is not None:
             scheduler.update(self.scheduler.state_dict())
         train = dict(self.train_config, batch_size=self.batch_size, seed=self.seed, dtype=self.dtype,
-                     log_every=self.log_every, lr=float(self.optimizer.lr))
+                     log_every=self.log_every, lr=float(self.optimizer.lr), world_size=self.world_size)
         metrics = self.history[-1].as_dict() if self.history else {}
         loss_sum, correct_sum, seen = self._sums
         epoch_sums = {"loss": loss_sum, "correct": correct_sum, "seen": seen} if self.batch_in_epoch else {}
@@ -325,9 +353,10 @@ class Trainer:
         )
 
     def save(self, path) -> Path:
-        """Write a checkpoint (atomically) to ``path``; returns it as a :class:`~pathlib.Path`."""
+        """Write a checkpoint (atomically) to ``path``; returns it as a :class:`~pathlib.Path`. With ``comm``, rank 0 writes."""
         path = Path(path)
-        save_checkpoint(path, self.checkpoint())
+        if self.rank == 0:
+            save_checkpoint(path, self.checkpoint())
         self.last_saved = (path, self.epoch)
         return path
     def restore(self, ckpt: Checkpoint) -> None:
@@ -361,8 +390,9 @@ class Trainer:
             self.scheduler.load_state_dict({"last_epoch": ckpt.scheduler["last_epoch"]})
         elif "lr" in ckpt.train:
             self.optimizer.lr = ckpt.train["lr"]
-        if ckpt.metrics and all(k in ckpt.metrics for k in EpochResult.__dataclass_fields__):
-            self.history.append(EpochResult(**{k: ckpt.metrics[k] for k in EpochResult.__dataclass_fields__}))
+        required = [f.name for f in fields(EpochResult) if f.default is MISSING]  # world_size came later
+        if ckpt.metrics and all(k in ckpt.metrics for k in required):
+            self.history.append(EpochResult(**{k: ckpt.metrics[k] for k in EpochResult.__dataclass_fields__ if k in ckpt.metrics}))
         self.last_saved = (ckpt.path, ckpt.epoch) if ckpt.path is not None else None
 
     # --------------------------------------------------------------- training
@@ -380,11 +410,14 @@ class Trainer:
             The loss became NaN or infinite (no callback sees an epoch end,
             so no checkpoint is written over the last good one).
         TrainingInterrupted
-            Ctrl-C; the callbacks' ``on_interrupt`` ran first (a
+            Ctrl-C (with ``comm``, also SIGTERM); the callbacks'
+            ``on_interrupt`` ran first (a
             :class:`~portable_cnn.callbacks.Checkpointing` saved the position).
         """
         self.target_epochs = epochs
         results = []
+        if self.comm is not None:
+            distributed.broadcast_state(self.comm, self.model, self.optimizer)
         try:
             self._notify("on_fit_start")
             with self._sigint_deferred(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -396,6 +429,8 @@ class Trainer:
                         raise  # a second Ctrl-C: abort now, without saving
                     self._read_back()  # a non-finite loss wins over the interrupt: nothing to save then
                     path = next((p for p in self._notify("on_interrupt") if p is not None), None)
+                    if self.comm is not None and isinstance(exc, _StopRequested):  # every rank is here: say where rank 0 saved
+                        path = self.comm.broadcast_object(path)
                     where = f"epoch {self.epoch + 1}, step {self.step} (batch {self.batch_in_epoch} of the epoch)"
                     saved = f"checkpoint saved to {path}" if path is not None else "no checkpoint path was set, nothing saved"
                     raise TrainingInterrupted(f"interrupted at {where}; {saved}", epoch=self.epoch + 1, step=self.step,
@@ -409,37 +444,87 @@ class Trainer:
         """Turn the first Ctrl-C into a request to stop after the current step (a second one aborts at once).
 
         Stopping between steps keeps the parameters and the optimizer state
-        consistent for the checkpoint.
+        consistent for the checkpoint. With ``comm`` the first SIGTERM (what
+        Slurm sends before it kills a job) does the same, and the request
+        travels in the step's Allreduce, so every rank stops after the same step.
         """
+        self._stop_requested = self._stop_agreed = False
         if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
             return
+        defaults = {signal.SIGINT: signal.default_int_handler}
+        if self.comm is not None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            defaults[signal.SIGTERM] = signal.SIG_DFL
 
         def request_stop(signum, frame):
             self._stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+            signal.signal(signum, defaults[signum])
+            if self.rank == 0:
+                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                print(f"\nstopping after this step ({again} again to abort without saving)", file=sys.stderr)
 
-        self._stop_requested = False
-        signal.signal(signal.SIGINT, request_stop)
+        for signum in defaults:
+            signal.signal(signum, request_stop)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for signum, handler in defaults.items():
+                signal.signal(signum, handler)
 
-    def _train_step(self, xd, yd):
-        """Forward, loss, backward and update on one device batch; returns ``(loss, logits)``."""
-        ds = self.dataset
+    def _train_step(self, xd, yd, total):
+        """Forward, loss, backward and update on one device batch of a global batch of ``total``.
+
+        Returns ``(mean loss, correct count, stop flag)`` of the global batch
+        on the device; the stop flag (the number of ranks asking to stop) is
+        ``None`` without ``comm``.
+        """
+        ds, xp = self.dataset, self.xp
         logits = self.model.forward(xd)
         if logits.shape[1] != ds.num_classes:
             raise ValueError(
                 f"Trainer: the model gives {logits.shape[1]} logits per sample but dataset "
                 f"{ds.name!r} has {ds.num_classes} classes"
             )
-        loss = self.loss_fn.forward(logits, yd)
-        self.model.backward(self.loss_fn.backward(), need_input_grad=False)  # nobody reads d(loss)/d(images)
-        self.optimizer.step()
-        return loss, logits
+        correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
+        if self.comm is None:
+            loss = self.loss_fn.forward(logits, yd)
+            self.model.backward(self.loss_fn.backward(), need_input_grad=False)  # nobody reads d(loss)/d(images)
+            self.optimizer.step()
+            return loss, correct, None
+        # This rank's share of the global mean: its loss sum over the global count,
+        # so that uneven (or empty) shards add up to the same gradient.
+        loss_sum = self._sum_loss.forward(logits, yd)
+        self.model.backward(self._sum_loss.backward(1.0 / total), need_input_grad=False)
+        stop = 1.0 if self._stop_requested else 0.0
+        sums = self._distributed_optimizer.step([loss_sum, correct, float(yd.shape[0]), stop])  # (4,) over the ranks
+        return sums[0] / sums[2], sums[1], sums[3]
+
+    def _epoch_batches(self):
+        """This epoch's batches as ``(images, labels, global batch size)``; with ``comm``, this rank's rows of each."""
+        ds = self.dataset
+        if self.comm is not None:
+            return distributed.shard_minibatches(ds.x_train, ds.y_train, self.batch_size, self.shuffle_rng, self._split)
+        batches = iterate_minibatches(ds.x_train, ds.y_train, self.batch_size, shuffle=True, rng=self.shuffle_rng)
+        return ((xb, yb, len(yb)) for xb, yb in batches)
+
+    def _stopping(self) -> bool:
+        """Stop now: a Ctrl-C here, or with ``comm`` a stop flag of any rank read back (the same step on every rank)."""
+        return self._stop_requested if self.comm is None else self._stop_agreed
+
+    def _evaluate(self) -> EvalResult:
+        """The test split's loss and accuracy; with ``comm``, each rank evaluates its slice and the sums are added."""
+        ds = self.dataset
+        if self.comm is None:
+            return evaluate(self.model, ds.x_test, ds.y_test, batch_size=self.eval_batch_size)
+        if not self.sync_batchnorm:  # per-rank running statistics differ: evaluate rank 0's everywhere
+            distributed.broadcast_state(self.comm, self.model, parameters=False)
+        start, stop = distributed.shard_range(len(ds.y_test), self.rank, self.world_size)
+        sums = np.zeros(3)  # loss * n, correct, n
+        if stop > start:
+            part = evaluate(self.model, ds.x_test[start:stop], ds.y_test[start:stop], batch_size=self.eval_batch_size)
+            sums[:] = part.loss * part.total, part.correct, part.total
+        loss_sum, correct, n = self.comm.sum_host(sums)
+        return EvalResult(loss=loss_sum / n, accuracy=correct / n, correct=int(round(correct)), total=int(n))
 
     def _run_epoch(self) -> EpochResult:
         ds, xp, dev = self.dataset, self.xp, self.device
@@ -450,35 +535,36 @@ class Trainer:
         else:
             self._epoch_start_state = generator_state(self.shuffle_rng)
             self._sums = [0.0, 0.0, 0]
-        batches = iterate_minibatches(ds.x_train, ds.y_train, self.batch_size, shuffle=True, rng=self.shuffle_rng)
+        batches = self._epoch_batches()
         lr = float(self.optimizer.lr)
         self._images, self._clock = 0, time.perf_counter()
         self._notify("on_epoch_start")
-        for xb, yb in islice(batches, skip, None):
+        for xb, yb, total in islice(batches, skip, None):
             xd = backend.asarray(xb, xp, dtype=self.dtype, device=dev)  # one transfer per batch
             yd = backend.asarray(yb, xp, device=dev)
-            loss, logits = self._train_step(xd, yd)
+            loss, correct, stop = self._train_step(xd, yd, total)
             self.step += 1
             self.batch_in_epoch += 1
-            self._images += len(yb)
-            correct = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yd, xp.int64))
-            self._pending.append((loss, correct, len(yb), self.step))
-            if len(self._pending) >= self.log_every:
+            self._images += total
+            self._pending.append((loss, correct, total, self.step, stop))
+            # With comm, every step: the ranks then meet a non-finite loss or
+            # a stop flag at the same step, whatever a callback reads back.
+            if len(self._pending) >= self.log_every or self.comm is not None:
                 self._read_back()
             self._notify("on_step_end")
-            if self._stop_requested:
+            if self._stopping():
                 raise _StopRequested
         self._read_back()  # also waits for the device, so the clock below is honest
         seconds = time.perf_counter() - self._clock
         running = self.running_metrics()
-        test = evaluate(self.model, ds.x_test, ds.y_test, batch_size=self.eval_batch_size)
+        test = self._evaluate()
         result = EpochResult(
             epoch=self.epoch + 1, step=self.step, train_loss=running["loss"], train_accuracy=running["accuracy"],
             test_loss=test.loss, test_accuracy=test.accuracy,
             images_per_s=self._images / seconds if seconds > 0 and self._images else math.nan,
-            lr=lr, seconds=seconds,
+            lr=lr, seconds=seconds, world_size=self.world_size,
         )
-        if self._stop_requested:
+        if self._stopping():
             raise _StopRequested
         if self.scheduler is not None:
             self.scheduler.step()
@@ -490,13 +576,19 @@ class Trainer:
         return result
 
     def _read_back(self) -> None:
-        """Bring the pending losses to the host in one transfer and stop on the first non-finite one."""
+        """Bring the pending losses to the host in one transfer and stop on the first non-finite one.
+
+        With ``comm`` the ranks' summed stop flags come along; any of them
+        set makes :meth:`_stopping` true.
+        """
         if not self._pending:
             return
         xp = self.xp
         losses = xp.stack([p[0] for p in self._pending])  # (k,)
-        corrects = xp.astype(xp.stack([p[1] for p in self._pending]), losses.dtype)  # (k,)
-        host = backend.to_numpy(xp.stack([losses, corrects]))  # (2, k)
+        rows = [losses, xp.astype(xp.stack([p[1] for p in self._pending]), losses.dtype)]  # loss, correct: (k,) each
+        if self.comm is not None:
+            rows.append(xp.astype(xp.stack([p[4] for p in self._pending]), losses.dtype))  # stop flags (k,)
+        host = backend.to_numpy(xp.stack(rows))  # (2 or 3, k)
         pending, self._pending = self._pending, []
         finite = np.isfinite(host[0])
         if not finite.all():
@@ -513,6 +605,8 @@ class Trainer:
                 f"{kept}. A lower learning rate usually helps.",
                 epoch=self.epoch + 1, step=step, checkpoint_path=self.last_saved[0] if self.last_saved else None,
             )
+        if self.comm is not None and host[2].any():
+            self._stop_agreed = True
         sizes = np.array([p[2] for p in pending], dtype=np.float64)
         self._sums[0] += float(np.dot(host[0].astype(np.float64), sizes))
         self._sums[1] += float(host[1].sum())

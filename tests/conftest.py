@@ -17,12 +17,11 @@ import pytest
 
 from portable_cnn import backend as B
 
-# Tolerances per dtype, in one place: the gradient checks, the cross-backend
-# parity tests and the PyTorch oracle all read them from here.
-TOLERANCES = {
-    "float64": {"rtol": 1e-9, "atol": 1e-11},
-    "float32": {"rtol": 2e-4, "atol": 2e-5},
-}
+# Tolerances per dtype, in one place: the package's table, which
+# `portable-cnn check` applies too; the gradient checks, the cross-backend
+# parity tests and the PyTorch oracle all read it through tol().
+from portable_cnn.check import TOLERANCES
+
 # Central differences in float64: step and the agreement expected of them.
 GRADCHECK = {"eps": 1e-6, "rtol": 1e-5, "atol": 1e-7}
 
