@@ -36,6 +36,7 @@ import time
 from contextlib import contextmanager
 
 from . import __version__
+from .checkpoint import CheckpointError
 from .config import ConfigError
 from .run import DEFAULT_MODEL, TRAIN_DEFAULTS, RunError
 
@@ -265,6 +266,16 @@ def _apply_settings(args) -> None:
     set_config(tf32=args.tf32)
 
 
+def _check_outputs(outputs: dict, inputs: dict | None = None, **kwargs) -> None:
+    """:func:`portable_cnn.paths.check_outputs` before any work, a bad path as a :class:`RunError`."""
+    from .paths import OutputPathError, check_outputs
+
+    try:
+        check_outputs(outputs, inputs, **kwargs)
+    except OutputPathError as exc:
+        raise RunError(str(exc)) from None
+
+
 def _tf32_line(args, backend_name: str) -> None:
     if args.tf32:
         _say(args, "TF32 on for float32 matrix products" + ("" if backend_name == "cupy" else " (no effect on the CPU)"))
@@ -283,6 +294,9 @@ def run_train(args) -> int:
     comm = _join_or_refuse(args)
     settings = {name: getattr(args, name) for name in RUN_OPTIONS}
     with _on_every_rank(comm):
+        _check_outputs({"--checkpoint": args.checkpoint if args.checkpoint is not None else args.resume,
+                        "--log-json": args.log_json},
+                       inputs={"--data": args.data, "--resume": args.resume}, may_replace={"--checkpoint": "--resume"})
         config = RunConfig.resume(args.resume, **settings) if args.resume else RunConfig(**settings)
         run = Run(config, callbacks=[] if args.quiet else [ProgressBar(), ConsoleLines()], comm=comm)
     log_file = None
@@ -394,7 +408,7 @@ def main(argv=None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
-    except (RunError, ConfigError) as exc:  # the user's settings, data or checkpoint: one line, no traceback
+    except (RunError, ConfigError, CheckpointError) as exc:  # the user's settings, data or checkpoint, a failed write: one line
         if getattr(args, "rank", 0) == 0:  # the same error on every rank of a launch: said once
             print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -180,8 +180,9 @@ class Communicator:
     notes : list of str
         What :func:`init` decided and why (the GPU, the transport), for the
         run's log.
-    allreduce_seconds, allreduce_calls :
-        Time spent in :meth:`allreduce` and its calls (benchmarks read them).
+    allreduce_seconds, allreduce_calls : float, int
+        Time spent in :meth:`allreduce` (with NCCL: to enqueue it on the
+        stream) and its calls; benchmarks read them.
     """
 
     def __init__(self, mpi, *, local_rank: int = 0, local_size: int = 1, nccl=None, gpu=None, notes=(),

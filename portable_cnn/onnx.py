@@ -536,8 +536,10 @@ VERIFY_RTOL = 1e-5
 def run_export(args) -> int:
     """``portable-cnn export``: 0 when written (and verified), 1 when ONNX Runtime disagrees."""
     from .checkpoint import CheckpointError
+    from .cli import _check_outputs
     from .run import RunError, read_checkpoint
 
+    _check_outputs({"--onnx": args.onnx}, inputs={"--checkpoint": args.checkpoint})
     ckpt = read_checkpoint(args.checkpoint)
     try:
         model = ckpt.build_model("numpy", "float32")

@@ -245,7 +245,7 @@ def _write(path: str, fmt: str, rows: list[dict]) -> None:
 def run_predict(args) -> int:
     """``portable-cnn predict``."""
     from .checkpoint import CheckpointError
-    from .cli import _apply_settings, _say, _tf32_line
+    from .cli import _apply_settings, _check_outputs, _say, _tf32_line
     from .run import RunError, cpu_threads, read_checkpoint, select_backend
 
     _apply_settings(args)
@@ -253,6 +253,8 @@ def run_predict(args) -> int:
     if from_dataset == bool(args.images):
         raise RunError("give image files or --data/--dataset, not both" if from_dataset
                        else "nothing to classify: give image files, or --data/--dataset")
+    _check_outputs({"--output": args.output}, inputs={"--checkpoint": args.checkpoint, "--data": args.data,
+                                                     **{f"image {p}": p for p in args.images}})
     fmt = _output_format(args.output)
     ckpt = read_checkpoint(args.checkpoint)
     backend_name, why = select_backend(args.backend)

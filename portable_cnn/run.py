@@ -536,7 +536,8 @@ class Run:
         if self.comm is not None:
             comm = self.comm
             statistics = "global" if cfg.sync_batchnorm else "per-rank"
-            lines.append(f"distributed: {comm.size} ranks, all-reduce over {comm.transport}, global batch {cfg.batch_size} "
+            ranks = f"{comm.size} rank" + ("s" if comm.size != 1 else "")
+            lines.append(f"distributed: {ranks}, all-reduce over {comm.transport}, global batch {cfg.batch_size} "
                          f"(about {cfg.batch_size / comm.size:g} per rank), {statistics} BatchNorm statistics")
             lines.extend(f"distributed: {note}" for note in comm.notes)
         ckpt = cfg.resume_from

@@ -8,6 +8,7 @@ import sys
 import time
 
 from .. import backend
+from ..paths import OutputPathError, check_outputs
 from . import report
 from .breakdown import run_breakdown
 from .environment import configure_tf32, describe, torch_installed
@@ -189,6 +190,12 @@ def run_bench(args) -> int:
             print(f"portable-cnn bench: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
+    # Checked before minutes of measuring; an empty path skips that output.
+    try:
+        check_outputs({f"--{option}": getattr(args, f"{option}_path") or None for option in ("json", "markdown", "plot")})
+    except OutputPathError as exc:
+        print(f"portable-cnn bench: {exc}", file=sys.stderr)
+        return 2
     # Before CuPy's first GEMM (cupy_status below runs only an elementwise kernel).
     backend.set_tf32(args.tf32)
     try:
