@@ -161,7 +161,9 @@ class Checkpointing(Callback):
         Written after every epoch (atomically); ``None``: only on Ctrl-C.
     interrupt_path : path, optional
         Where Ctrl-C saves (default: ``path``). Resuming from it continues
-        the run down to the batch within the epoch.
+        the run down to the batch within the epoch. Without ``path``, an
+        existing file there is not replaced: the next free ``<stem>-2``,
+        ``-3``, ... name is used.
     """
 
     def __init__(self, path=None, *, interrupt_path=None):
@@ -178,10 +180,37 @@ class Checkpointing(Callback):
 
     def on_epoch_end(self, trainer, result) -> None:
         if self.path is not None:
-            trainer.save(self.path)
+            _save(trainer, self.path)
 
     def on_interrupt(self, trainer) -> Path:
-        return trainer.save(self.interrupt_path)
+        return _save(trainer, self.interrupt_path if self.path is not None else _free_name(self.interrupt_path))
+
+
+def _save(trainer, path: Path) -> Path:
+    """``trainer.save(path)``; a full disk or an I/O error as a one-line :class:`~portable_cnn.checkpoint.CheckpointError`.
+
+    The write is atomic, so whatever was at ``path`` before is still there, whole.
+    """
+    from .checkpoint import CheckpointError
+
+    try:
+        return trainer.save(path)
+    except OSError as exc:
+        kept = "the previous checkpoint there is unchanged" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} ({kept})") from None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3``, ...: the first that does not exist.
+
+    Without ``path`` set, the Ctrl-C file is not this run's own: it must not
+    replace the one another interrupted run left (the message names the file written).
+    """
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 class ConsoleLines(Callback):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,7 @@ class Checkpoint:
             raise CheckpointError(f"{where}: metadata format is {meta['format']!r}, expected {FORMAT!r}")
         if missing:
             raise CheckpointError(f"{where}: checkpoint metadata lacks {', '.join(map(repr, missing))}")
+        _check_metadata(meta, where)
         if meta["format_version"] > FORMAT_VERSION:
             raise CheckpointError(
                 f"{where}: checkpoint format version {meta['format_version']} is newer than this "
@@ -270,6 +272,10 @@ class Checkpoint:
         optimizer_state = {k[len(OPTIMIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
         if not model_state:
             raise CheckpointError(f"{where}: checkpoint holds no model tensors")
+        for name, value in tensors.items():
+            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values; the run that wrote "
+                                      f"it diverged, or the file is damaged")
         return cls(
             model_state=model_state, model=meta["model"], optimizer_state=optimizer_state,
             optimizer=meta.get("optimizer"), scheduler=meta.get("scheduler"), data=meta.get("data") or {},
@@ -278,6 +284,43 @@ class Checkpoint:
             epoch_sums=meta.get("epoch_sums") or {},
             version=meta.get("portable_cnn_version", "unknown"), path=Path(path) if path is not None else None,
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The type each metadata entry must have once parsed (None is allowed for the optional dict entries).
+_META_DICTS = ("optimizer", "scheduler", "data", "train", "rng", "metrics", "epoch_sums")
+
+
+def _check_metadata(meta: dict, where: str) -> None:
+    """Refuse metadata of the wrong type (a hand-edited or foreign file) with one line naming the entry."""
+
+    def bad(key, expected):
+        raise CheckpointError(f"{where}: metadata entry {key!r} must be {expected}, got {meta[key]!r:.80}")
+
+    if not _is_int(meta["format_version"]) or meta["format_version"] < 1:
+        bad("format_version", "a positive integer")
+    for key in ("epoch", "step", "batch_in_epoch"):
+        if key in meta and (not _is_int(meta[key]) or meta[key] < 0):
+            bad(key, "an integer >= 0")
+    for key in _META_DICTS:
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            bad(key, "a JSON object")
+    if "portable_cnn_version" in meta and not isinstance(meta["portable_cnn_version"], str):
+        bad("portable_cnn_version", "a string")
+    model = meta["model"]
+    if not isinstance(model, dict):
+        bad("model", "a JSON object")
+    if "name" in model and not isinstance(model["name"], str):
+        raise CheckpointError(f"{where}: model name must be a string, got {model['name']!r:.80}")
+    for key in ("in_channels", "num_classes"):
+        if key in model and (not _is_int(model[key]) or model[key] < 1):
+            raise CheckpointError(f"{where}: model {key} must be a positive integer, got {model[key]!r:.80}")
+    size = model.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
+        raise CheckpointError(f"{where}: model input_size must be [H, W] of positive integers, got {size!r:.80}")
 
 
 def _host(a) -> np.ndarray:
@@ -333,6 +376,7 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot write checkpoint {path}: directory {directory} does not exist")
+    _remove_stale_temporaries(directory, path.name)
     tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     # os.open with 0o666 lets the umask pick the mode, as for any new file
     # (tempfile.mkstemp would leave it 0600).
@@ -350,6 +394,34 @@ def _atomic_write(path: Path, payload: bytes) -> None:
             pass
         raise
     _fsync_directory(directory)
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    """Delete the temporary files of earlier saves of ``name`` whose process is gone (killed mid-write).
+
+    The temporary name carries the writing process's id, so a save still in
+    progress in a live process (another rank, another run) is left alone.
+    """
+    for tmp in directory.glob(f".{glob_escape(name)}.*.tmp"):
+        pid = tmp.name[len(name) + 2:].split(".")[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # another save removed it first, or it is not ours to remove
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -33,6 +33,7 @@ import importlib
 import importlib.util
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 
 from . import __version__
@@ -298,7 +299,12 @@ def run_train(args) -> int:
                         "--log-json": args.log_json},
                        inputs={"--data": args.data, "--resume": args.resume}, may_replace={"--checkpoint": "--resume"})
         config = RunConfig.resume(args.resume, **settings) if args.resume else RunConfig(**settings)
-        run = Run(config, callbacks=[] if args.quiet else [ProgressBar(), ConsoleLines()], comm=comm)
+        with warnings.catch_warnings(record=True) as caught:  # a data warning: one line, not Python's two
+            warnings.simplefilter("always", UserWarning)
+            run = Run(config, callbacks=[] if args.quiet else [ProgressBar(), ConsoleLines()], comm=comm)
+    if args.rank == 0:
+        for warning in caught:
+            print(f"{PROG} train: warning: {warning.message}", file=sys.stderr)
     log_file = None
     # Opened once the run is known to start, so a failed start leaves an old log alone; by rank 0 only.
     if args.log_json and args.rank == 0:

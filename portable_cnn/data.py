@@ -37,7 +37,9 @@ import numpy as np
 __all__ = [
     "DATASETS",
     "Dataset",
+    "MAX_CLASSES",
     "apply_normalization",
+    "check_classes",
     "iterate_minibatches",
     "load_cifar10",
     "load_dataset",
@@ -458,6 +460,12 @@ def _load_mnist_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, 
     return _to_float_images(images[:, None, :, :]), labels.astype(np.int64)
 
 
+def _refuse_file_for_directory(root: Path, what: str) -> None:
+    """A file given where a dataset directory is expected: say so, rather than "does not exist"."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{what} path {root} is a file, not a directory; give the directory holding the dataset's files")
+
+
 def load_mnist(path) -> Dataset:
     """Load MNIST (or a drop-in variant such as Fashion-MNIST) from IDX files.
 
@@ -485,6 +493,7 @@ def load_mnist(path) -> Dataset:
         of array, or image and label counts disagree.
     """
     root = Path(path)
+    _refuse_file_for_directory(root, "MNIST")
     if not root.is_dir():
         raise FileNotFoundError(
             f"MNIST directory {root} does not exist; it must hold "
@@ -560,6 +569,7 @@ def load_cifar10(path) -> Dataset:
         label is above 9.
     """
     root = Path(path)
+    _refuse_file_for_directory(root, "CIFAR-10")
     if not (root / "test_batch.bin").is_file() and (root / _CIFAR_DIR).is_dir():
         root = root / _CIFAR_DIR
     expected = "test_batch.bin and data_batch_1.bin ... data_batch_5.bin"
@@ -668,6 +678,8 @@ def load_npz(path, test_fraction: float = 0.2, seed=0, *, stratify: bool = True)
         file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"npz file {path} is a directory, not a .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist")
     # We open the file ourselves: np.load leaks its own handle when a file
@@ -676,7 +688,7 @@ def load_npz(path, test_fraction: float = 0.2, seed=0, *, stratify: bool = True)
         try:
             npz = np.load(handle, allow_pickle=False)
         except Exception as exc:  # np.load raises a zoo of types for bad files
-            raise ValueError(f"{path}: cannot read as .npz: {exc}") from exc
+            raise ValueError(f"{path}: cannot read as .npz: not a .npz archive (numpy says: {exc})") from exc
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError(f"{path}: expected a .npz archive, got a single .npy array")
         return _dataset_from_npz(npz, path, test_fraction, seed, stratify)
@@ -771,6 +783,52 @@ def load_dataset(name: str, path=None, **kw) -> Dataset:
 # ---------------------------------------------------------------------------
 # Normalization
 # ---------------------------------------------------------------------------
+
+
+#: More classes than this (labels up to MAX_CLASSES - 1) is taken for a mistake: the
+#: classifier's last layer would have that many outputs (ImageNet-21k has 21,841).
+MAX_CLASSES = 100_000
+
+
+def check_classes(ds: Dataset) -> list[str]:
+    """Refuse labels a classifier cannot be trained on; return warnings about the test labels.
+
+    Parameters
+    ----------
+    ds : Dataset
+        Labels ``y_train`` ``(N,)`` and ``y_test`` ``(M,)``.
+
+    Returns
+    -------
+    list of str
+        One line per warning: test classes that never occur in training.
+
+    Raises
+    ------
+    ValueError
+        ``num_classes`` above :data:`MAX_CLASSES` (labels must be ``0..K-1``),
+        or fewer than two classes in the training labels (a network that
+        always answers the one class would report 100%).
+
+    >>> y = np.array([0, 1, 1, 0])
+    >>> x = np.zeros((4, 1, 2, 2), np.float32)
+    >>> check_classes(Dataset(x, y, x[:2], np.array([0, 2]), num_classes=3, name="toy"))
+    ["dataset 'toy': test class 2 never occurs in the training labels (the network cannot learn it)"]
+    """
+    if ds.num_classes > MAX_CLASSES:
+        raise ValueError(f"dataset {ds.name!r}: labels up to {ds.num_classes - 1} imply {ds.num_classes:,} classes "
+                         f"(more than {MAX_CLASSES:,}); labels must be class numbers 0..K-1")
+    trained = np.unique(ds.y_train)
+    if trained.size < 2:
+        only = f"only class {int(trained[0])}" if trained.size else "no labels"
+        raise ValueError(f"dataset {ds.name!r}: the training labels hold {only}; a classifier needs at least 2 classes")
+    unseen = np.setdiff1d(np.unique(ds.y_test), trained)
+    if unseen.size == 0:
+        return []
+    listed = ", ".join(str(int(c)) for c in unseen[:10]) + (", ..." if unseen.size > 10 else "")
+    return [f"dataset {ds.name!r}: test class{'es' if unseen.size > 1 else ''} {listed} never "
+            f"occur{'' if unseen.size > 1 else 's'} in the training labels (the network cannot learn "
+            f"{'them' if unseen.size > 1 else 'it'})"]
 
 
 def normalize(ds: Dataset) -> Dataset:

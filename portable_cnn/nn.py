@@ -121,6 +121,32 @@ def _call_child(layer, direction, method, *args, **kwargs):
     return _hook(layer, direction, lambda: method(*args, **kwargs))
 
 
+def _positive_int(value, name: str, where: str) -> int:
+    """``value`` as a positive int (a channel or feature count): ``TypeError`` for a non-integer, ``ValueError`` below 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: {name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{where}: {name} must be positive, got {value!r}")
+    return int(value)
+
+
+def _is_floating(dtype) -> bool:
+    """Whether a dtype of any library (``"float32"``, ``np.float64``, ``torch.float32``) is a real floating type."""
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:  # another library's dtype object: torch.float32, torch.bfloat16, ...
+        return "float" in str(dtype) and "complex" not in str(dtype)
+
+
+def _real(value, name: str, where: str, accept, expected: str) -> float:
+    """``value`` as a float that ``accept`` takes: ``TypeError`` for a non-number, ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
+    if not accept(float(value)):
+        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}")
+    return float(value)
+
+
 class Module:
     """Base of all layers and containers: parameters, buffers, child modules, modes and backend moves.
 
@@ -225,6 +251,10 @@ class Module:
             store = module.params if key in module.params else module.buffers
             current = store[key]
             value = state[name]
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                raise TypeError(f"{where}: {name} must be an array, got {type(value).__name__}")
+            if np.dtype(backend.dtype_name(value)).kind not in "biuf":
+                raise TypeError(f"{where}: {name} must hold real numbers, got dtype {backend.dtype_name(value)}")
             if tuple(value.shape) != tuple(current.shape):
                 raise ValueError(
                     f"{where}: {name} ({module.where}) expected shape {tuple(current.shape)}, got {tuple(value.shape)}"
@@ -251,6 +281,9 @@ class Module:
 
         Returns ``self``. Integer buffers keep their dtype; gradients are dropped.
         """
+        # An integer dtype would truncate the weights for good: refused before anything moves.
+        if dtype is not None and not _is_floating(dtype):
+            raise TypeError(f"{type(self).__name__}.to: dtype must be a floating type (float32, float64), got {dtype!r}")
         xp = backend.get_namespace(backend_name) if isinstance(backend_name, str) else backend_name
         for _, module in self.named_modules():
             for store in (module.params, module.buffers):
@@ -259,6 +292,13 @@ class Module:
                     store[key] = backend.asarray(value, xp, dtype=dtype if floating else None)
             module.grads = {}
         return self
+
+    def _saved(self, name: str):
+        """What ``forward`` kept for ``backward`` in attribute ``name``; a clear error when ``backward`` comes first."""
+        value = getattr(self, name, None)
+        if value is None:
+            raise RuntimeError(f"{self.where}: backward called before forward; call forward on the batch first")
+        return value
 
     def _check_param_shapes(self):
         """Refuse parameters a user set to the wrong shape, naming the layer."""
@@ -294,7 +334,8 @@ class Conv2d(Module):
                  rng=None):
         super().__init__()
         R, S = pair(kernel_size, "kernel_size", "Conv2d", minimum=1)
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels = _positive_int(in_channels, "in_channels", "Conv2d")
+        self.out_channels = _positive_int(out_channels, "out_channels", "Conv2d")
         self.kernel_size = (R, S)
         self.stride = pair(stride, "stride", "Conv2d", minimum=1)
         self.padding = pair(padding, "padding", "Conv2d", minimum=0)
@@ -334,7 +375,7 @@ class Conv2d(Module):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        x, cols = self._cache
+        x, cols = self._saved("_cache")
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation, self.groups,
             cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,
@@ -354,7 +395,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = _positive_int(in_features, "in_features", "Linear")
+        self.out_features = _positive_int(out_features, "out_features", "Linear")
         self.params["weight"] = _he_normal(rng, (self.out_features, self.in_features), self.in_features)
         if bias:
             self.params["bias"] = np.zeros(self.out_features, dtype=np.float32)
@@ -373,7 +415,7 @@ class Linear(Module):
 
     def backward(self, dy, need_input_grad=True):
         dx, self.grads["weight"], db = ops.linear_backward(
-            dy, self._x, self.params["weight"], has_bias="bias" in self.params,
+            dy, self._saved("_x"), self.params["weight"], has_bias="bias" in self.params,
             need_input_grad=need_input_grad, where=self.where,
         )
         if db is not None:
@@ -421,7 +463,7 @@ class MaxPool2d(_Pool2d):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        x_shape, argmax = self._cache
+        x_shape, argmax = self._saved("_cache")
         return ops.max_pool2d_backward(dy, argmax, x_shape, *self._options(), where=self.where)
 
 
@@ -451,7 +493,7 @@ class AvgPool2d(_Pool2d):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.avg_pool2d_backward(dy, self._cache, *self._options(), where=self.where)
+        return ops.avg_pool2d_backward(dy, self._saved("_cache"), *self._options(), where=self.where)
 
 
 class AdaptiveAvgPool2d(Module):
@@ -485,7 +527,7 @@ class AdaptiveAvgPool2d(Module):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.adaptive_avg_pool2d_backward(dy, self._x_shape, self.output_size, where=self.where)
+        return ops.adaptive_avg_pool2d_backward(dy, self._saved("_x_shape"), self.output_size, where=self.where)
 
 
 class ReLU(Module):
@@ -498,7 +540,7 @@ class ReLU(Module):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.relu_backward(dy, self._x, where=self.where)
+        return ops.relu_backward(dy, self._saved("_x"), where=self.where)
 
 
 class Sigmoid(Module):
@@ -511,7 +553,7 @@ class Sigmoid(Module):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.sigmoid_backward(dy, self._y, where=self.where)
+        return ops.sigmoid_backward(dy, self._saved("_y"), where=self.where)
 
 
 class Tanh(Module):
@@ -524,7 +566,7 @@ class Tanh(Module):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.tanh_backward(dy, self._y, where=self.where)
+        return ops.tanh_backward(dy, self._saved("_y"), where=self.where)
 
 
 class Flatten(Module):
@@ -537,7 +579,7 @@ class Flatten(Module):
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
             return None
-        return ops.flatten_backward(dy, self._shape, where=self.where)
+        return ops.flatten_backward(dy, self._saved("_shape"), where=self.where)
 
 
 class SoftmaxCrossEntropy(Module):
@@ -600,7 +642,7 @@ class SoftmaxCrossEntropy(Module):
         return loss
 
     def backward(self, dloss=1.0):
-        probs, target = self._cache
+        probs, target = self._saved("_cache")
         return ops.softmax_cross_entropy_backward(probs, target, dloss, **self._options())
 
 
@@ -779,11 +821,11 @@ class _BatchNorm(Module):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
         super().__init__()
-        self.num_features = int(num_features)
-        if self.num_features < 1:
-            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features!r}")
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        name = type(self).__name__
+        self.num_features = _positive_int(num_features, "num_features", name)
+        self.eps = _real(eps, "eps", name, lambda v: 0 < v < math.inf, "a positive number")
+        self.momentum = None if momentum is None else _real(momentum, "momentum", name, lambda v: 0 <= v <= 1,
+                                                            "in [0, 1] or None")
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         if self.affine:
             self.params["weight"] = np.ones(self.num_features, dtype=np.float32)
@@ -828,7 +870,7 @@ class _BatchNorm(Module):
     def backward(self, dy, need_input_grad=True):
         if isinstance(self._cache, _GlobalBatchCache):
             return self._backward_global(dy, need_input_grad)
-        dx, dweight, dbias = ops.batch_norm_backward(dy, self._cache)
+        dx, dweight, dbias = ops.batch_norm_backward(dy, self._saved("_cache"))
         if self.affine:
             self.grads["weight"], self.grads["bias"] = dweight, dbias
         return dx if need_input_grad else None

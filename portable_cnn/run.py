@@ -36,6 +36,7 @@ a ``ValueError`` with a one-line message.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +47,10 @@ from .backend import BACKENDS, BackendUnavailableError, device, resolve_backend
 from .callbacks import Checkpointing
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import config_context
-from .data import DATASETS, apply_normalization, load_dataset, normalize
+from .data import DATASETS, apply_normalization, check_classes, load_dataset, normalize
 from .models import MODELS, build_model
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from .paths import OutputPathError, check_outputs
 from .train import Trainer
 
 __all__ = [
@@ -476,7 +478,18 @@ class Run:
         # Joined first: with GPUs, each rank picks its own before anything touches one.
         self.comm = comm if comm is not None or not cfg.distributed else join_job(cfg.backend)
         self.backend, self.backend_reason = select_backend(getattr(self.comm, "backend", None) or cfg.backend)
+        try:  # before any work: not after an epoch, and never over the data
+            check_outputs({"checkpoint": cfg.checkpoint}, inputs={"data": cfg.data, "resume": getattr(ckpt, "path", None)},
+                          may_replace={"checkpoint": "resume"})
+        except OutputPathError as exc:
+            raise RunError(str(exc)) from None
         self.dataset = ds = load_data(cfg.dataset, cfg.data, ckpt)
+        try:
+            notes = check_classes(ds)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
         c, h, w = ds.input_shape
         self.model_name = cfg.model or _default_model(ds.input_shape)
         model_config = {"name": self.model_name, "in_channels": c, "num_classes": ds.num_classes,

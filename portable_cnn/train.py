@@ -410,7 +410,7 @@ class Trainer:
             The loss became NaN or infinite (no callback sees an epoch end,
             so no checkpoint is written over the last good one).
         TrainingInterrupted
-            Ctrl-C (with ``comm``, also SIGTERM); the callbacks'
+            Ctrl-C or SIGTERM; the callbacks'
             ``on_interrupt`` ran first (a
             :class:`~portable_cnn.callbacks.Checkpointing` saved the position).
         """
@@ -444,16 +444,17 @@ class Trainer:
         """Turn the first Ctrl-C into a request to stop after the current step (a second one aborts at once).
 
         Stopping between steps keeps the parameters and the optimizer state
-        consistent for the checkpoint. With ``comm`` the first SIGTERM (what
-        Slurm sends before it kills a job) does the same, and the request
-        travels in the step's Allreduce, so every rank stops after the same step.
+        consistent for the checkpoint. The first SIGTERM (what ``kill`` and
+        Slurm send) does the same; with ``comm`` the request travels in the
+        step's Allreduce, so every rank stops after the same step.
         """
         self._stop_requested = self._stop_agreed = False
         if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
             return
         defaults = {signal.SIGINT: signal.default_int_handler}
-        if self.comm is not None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # SIGTERM (``kill``, Slurm before it kills a job) as Ctrl-C, unless someone else handles it.
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             defaults[signal.SIGTERM] = signal.SIG_DFL
 
         def request_stop(signum, frame):

