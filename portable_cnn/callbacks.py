@@ -197,7 +197,14 @@ def _save(trainer, path: Path) -> Path:
         return trainer.save(path)
     except OSError as exc:
         kept = "the previous checkpoint there is unchanged" if path.exists() else "nothing was written"
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} ({kept})") from None
+        # An OS error carries its reason in strerror; one of ours (a vanished directory) is already a sentence.
+        message = f"cannot write checkpoint {path}: {exc.strerror} ({kept})" if exc.strerror else f"{exc} ({kept})"
+        comm = getattr(trainer, "comm", None)
+        if comm is not None and comm.size > 1:
+            # Only rank 0 writes: the others would wait for it in the next all-reduce for ever.
+            print(f"portable-cnn: error: {message}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        raise CheckpointError(message) from None
 
 
 def _free_name(path: Path) -> Path:

@@ -273,6 +273,8 @@ class Checkpoint:
         if not model_state:
             raise CheckpointError(f"{where}: checkpoint holds no model tensors")
         for name, value in tensors.items():
+            if np.asarray(value).dtype.kind not in "biuf":
+                raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}; expected real numbers")
             if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
                 raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values; the run that wrote "
                                       f"it diverged, or the file is damaged")

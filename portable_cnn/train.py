@@ -528,7 +528,7 @@ class Trainer:
         return EvalResult(loss=loss_sum / n, accuracy=correct / n, correct=int(round(correct)), total=int(n))
 
     def _run_epoch(self) -> EpochResult:
-        ds, xp, dev = self.dataset, self.xp, self.device
+        xp, dev = self.xp, self.device
         skip = self.batch_in_epoch
         if skip:
             # Resuming inside an epoch: redraw the same permutation and skip what was done.
