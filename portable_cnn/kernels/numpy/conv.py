@@ -51,6 +51,13 @@ _BLOCK_BYTES = 4 << 20  # one block's im2col matrix; 1-8 MB measured alike here
 # the forward for the backward (lenet's: 10 and 8 MB) instead of unfolding
 # twice; larger ones (vgg-small's: up to 150 MB) recompute blocks in cache.
 _KEEP_BYTES = 16 << 20
+# With one input channel the weight gradient is a (K, rows) @ (rows, R*S)
+# product whose right matrix is the transpose of a taps-first buffer (R*S
+# rows, each a long run): OpenBLAS takes it 2.5x faster in slices of at most
+# this many rows (lenet's first layer, 1 thread: 0.45 against 1.13 ms per
+# 64 samples; 8192 rows and more as slow as one product). docs/benchmarks.md,
+# "Issue 15, first step".
+_TAPS_FIRST_DW_ROWS = 4096
 
 
 def _buffer(workspace, tag, shape, dtype, *, zeroed=False):
@@ -256,7 +263,13 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
             rows = (j - i) * P * Q
             dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
             dy3 = _by_group(dy2, G)  # (G, rows, K/G)
-            dw3 += dy3.transpose(0, 2, 1) @ _by_group(unfold(i, j), G)  # (G, K/G, R*S*C/G)
+            cols_block = unfold(i, j)  # (rows, G*R*S*C/G)
+            if unfold.taps_first:  # G = C = 1: slices of rows (see _TAPS_FIRST_DW_ROWS)
+                for k in range(0, rows, _TAPS_FIRST_DW_ROWS):
+                    part = slice(k, k + _TAPS_FIRST_DW_ROWS)
+                    dw3[0] += dy2[part].T @ cols_block[part]  # (K, R*S)
+            else:
+                dw3 += dy3.transpose(0, 2, 1) @ _by_group(cols_block, G)  # (G, K/G, R*S*C/G)
             db += ones[:rows] @ dy2  # a GEMV: NumPy's column sum of a narrow matrix is ~10x slower
             if unfold_dy is not None:
                 out = _by_group(dx[i:j].reshape((j - i) * H * W, C), G)  # (G, (j-i)*H*W, C/G)
