@@ -277,8 +277,8 @@ def test_python_dash_m_runs_the_command(tmp_path):
     assert load_checkpoint(tmp_path / "m.safetensors").epoch == 1
 
 
-def test_train_help_imports_no_bench_module(tmp_path):
-    """The benchmark (and what it imports) loads only for ``portable-cnn bench``; ``--help`` still lists it."""
+def test_train_help_imports_no_optional_subcommand_module(tmp_path):
+    """bench, export, check and predict (and onnx, onnxruntime, Pillow) load only when they run; --help lists them."""
     code = (
         "import sys\n"
         "from portable_cnn.cli import main\n"
@@ -287,12 +287,14 @@ def test_train_help_imports_no_bench_module(tmp_path):
         "        main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print(sorted(m for m in sys.modules if m.startswith('portable_cnn.bench')))\n"
+        "names = ('portable_cnn.onnx', 'portable_cnn.check', 'portable_cnn.predict', 'onnx', 'onnxruntime', 'PIL')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('portable_cnn.bench') or m.split('.')[0] in names or m in names))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"
-    assert re.search(r"^\s+bench\s+\S", proc.stdout, re.M), proc.stdout
+    for command in ("bench", "check", "predict", "export"):
+        assert re.search(rf"^\s+{command}\s+\S", proc.stdout, re.M), proc.stdout
 
 
 def test_console_script_entry_point(tmp_path):

@@ -70,12 +70,8 @@ def loss_and_grads(model, x, labels):
 # --------------------------------------------------------------------------- gradients
 
 
-@pytest.fixture(scope="module")
-def numeric_gradients():
-    """Central differences of the loss w.r.t. the input and every parameter (NumPy, float64)."""
-    state, x = random_state(), model_input()
-    model = make_model().to("numpy", "float64")
-    model.load_state_dict(state)
+def central_differences(model, x) -> dict:
+    """Central differences of the loss w.r.t. the input ``x`` and every parameter of ``model`` (float64)."""
     loss_fn = nn.SoftmaxCrossEntropy()
 
     def loss_at(x_value):
@@ -92,6 +88,15 @@ def numeric_gradients():
         grads[name] = numerical_grad(loss_of_param, original)
         layer.params[key] = original
     return grads
+
+
+@pytest.fixture(scope="module")
+def numeric_gradients():
+    """Central differences of the loss w.r.t. the input and every parameter (NumPy, float64)."""
+    state, x = random_state(), model_input()
+    model = make_model().to("numpy", "float64")
+    model.load_state_dict(state)
+    return central_differences(model, x)
 
 
 def test_model_gradients_match_central_differences(backend, numeric_gradients):
@@ -562,22 +567,7 @@ def residual_numeric_gradients():
     model = make_residual_model().to("numpy", "float64")
     model.load_state_dict(residual_state())
     x = np.random.default_rng(2).standard_normal(RES_X_SHAPE)
-    loss_fn = nn.SoftmaxCrossEntropy()
-
-    def loss_at(x_value):
-        return float(loss_fn.forward(model.forward(x_value), LABELS))
-
-    grads = {"input": numerical_grad(loss_at, x)}
-    for name, layer, key in model.named_parameters():
-        original = layer.params[key]
-
-        def loss_of_param(value, layer=layer, key=key):
-            layer.params[key] = value
-            return loss_at(x)
-
-        grads[name] = numerical_grad(loss_of_param, original)
-        layer.params[key] = original
-    return x, grads
+    return x, central_differences(model, x)
 
 
 def test_residual_gradients_match_central_differences(backend, residual_numeric_gradients):

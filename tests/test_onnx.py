@@ -11,11 +11,7 @@ The module itself imports neither library; these tests skip without them
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,26 +258,3 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and err == ("portable-cnn export: error: ONNX export needs the onnx package, which is not "
                                  "installed: pip install 'portable-cnn[onnx]'\n")
-
-
-def test_train_help_imports_no_new_subcommand_module(tmp_path):
-    """export, check and predict load (with onnx, onnxruntime, Pillow) only when they run; --help lists them."""
-    code = (
-        "import sys\n"
-        "from portable_cnn.cli import main\n"
-        "for argv in (['train', '--help'], ['--help']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "names = ('portable_cnn.onnx', 'portable_cnn.check', 'portable_cnn.predict', 'onnx', 'onnxruntime', 'PIL')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in names or m in names))\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "[]"
-    for command in ("check", "predict", "export"):
-        assert re.search(rf"^\s+{command}\s+\S", proc.stdout, re.M), proc.stdout
