@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # the step functions run through run_step (timeout bash -c)
 # The GPU check (issue 5): on a bare GPU machine with no network, from the
-# repository root, in about 8 minutes:
+# repository root, in about 14 minutes:
 #
 #   1. install the carried wheels (.whl/, see benchmarks/gpu_wheels.txt) into
 #      /tmp/site, and the project itself without network into /tmp/portable-cnn
@@ -16,8 +16,11 @@
 #      vgg-small at batch 1, 8, 32, 128 and 256, float32, TF32 off on both sides,
 #      native PyTorch (cuDNN) on the GPU as the reference, and a per-layer
 #      breakdown of the CuPy step
+#   7b. issue 15: CuPy against cuDNN at batch 256 for every net, training and
+#      inference, float32 and float64, with peak device memory; NumPy against
+#      PyTorch on all of the machine's CPU cores (vgg-small and lenet, batch 256)
 #   8. a short table last: the card, both ratios to PyTorch, the GPU-over-CPU
-#      speed-up, the test counts and each step's status
+#      speed-up, issue 15's targets, the test counts and each step's status
 #
 # Here, where pip has network, once:   bash benchmarks/fetch_gpu_wheels.sh
 # There:                               bash benchmarks/gpu_check.sh
@@ -185,6 +188,21 @@ run_step "benchmark: numpy vs cupy vs PyTorch cuDNN" 220 \
     --breakdown --breakdown-backends cupy --breakdown-steps 5 \
     --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png"
 
+# --- 7b. issue 15: GPU inference, float64 rows, device memory; the 16-core CPU --------
+# CuPy against cuDNN at batch 256 for every net, training and inference, float32
+# and float64, with the peak device memory of each runner (the table's memory
+# column); then NumPy against PyTorch on this machine's CPU cores (vgg-small,
+# batch 256: issue 15's 16-core target, >= 0.8x).
+rm -f "$out/bench15.json" "$out/cpu16.json"
+run_step "issue 15: cupy vs cuDNN, batch 256, train+infer, float32+float64, memory" 200 \
+    "$PYTHON" -m portable_cnn bench --backends cupy --nets lenet,vgg-small,resnet20,mobilenet-small \
+    --batch-sizes 256 --modes train,infer --dtypes float32,float64 --repeats 5 --warmup 2 --repeat-seconds 0.15 \
+    --max-seconds 5 --json "$out/bench15.json" --markdown "$out/bench15.md"
+run_step "issue 15: numpy vs PyTorch CPU on every core, vgg-small and lenet, batch 256" 150 \
+    "$PYTHON" -m portable_cnn bench --backends numpy --nets vgg-small,lenet --batch-sizes 256 --modes train \
+    --dtypes float32 --repeats 5 --warmup 1 --repeat-seconds 0.5 --max-seconds 30 \
+    --json "$out/cpu16.json" --markdown "$out/cpu16.md"
+
 # --- 8. the short table, last -------------------------------------------------------
 status_file="$(mktemp)"
 for i in "${!step_names[@]}"; do
@@ -211,9 +229,9 @@ if bench.exists():
 else:
     print("no benchmark results (bench.json missing)\n")
 
-def find(net, batch, backend):
-    for r in records:
-        if r["net"] == net and r["batch_size"] == batch and r["backend"] == backend and r["mode"] == "train":
+def find(net, batch, backend, mode="train", dtype="float32", rows=None):
+    for r in records if rows is None else rows:
+        if (r["net"], r["batch_size"], r["backend"], r["mode"], r.get("dtype", "float32")) == (net, batch, backend, mode, dtype):
             return r
     return None
 
@@ -240,6 +258,43 @@ if records:
     if gpu and gpu.get("speedup_over_numpy"):
         value = gpu["speedup_over_numpy"]["median"]
         print(f"  vgg-small GPU over NumPy on this CPU: {value:.1f}x (should exceed 30x: {'yes' if value > 30 else 'NO'})")
+
+# Issue 15: ratios >= 0.8x cuDNN and device memory <= 1.2x PyTorch's (float32 training, batch 256);
+# every row of the wider run; NumPy against PyTorch on all CPU cores.
+def load(name):
+    path = out / name
+    return json.loads(path.read_text())["results"] if path.exists() else []
+
+wide, cpu16 = load("bench15.json"), load("cpu16.json")
+if wide:
+    print("\nissue 15, batch 256 (cupy / PyTorch cuDNN; peak device MiB, cupy / PyTorch):")
+    print("| net | mode | dtype | cupy img/s | PyTorch img/s | ratio | cupy MiB | PyTorch MiB | memory ratio |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in wide:
+        if r["backend"] != "cupy":
+            continue
+        ref = find(r["net"], 256, "pytorch-cuda", r["mode"], r["dtype"], rows=wide)
+        mine, theirs = r.get("device_peak_mb"), ref.get("device_peak_mb") if ref else None
+        ratio = f"{r['ratio_to_reference']['median']:.2f}x" if r.get("ratio_to_reference") else "-"
+        mem = f"{mine / theirs:.2f}x" if mine and theirs else "-"
+        print(f"| {r['net']} | {r['mode']} | {r['dtype']} | {r['images_per_s']['median']:,.0f} | "
+              f"{ref['images_per_s']['median'] if ref else float('nan'):,.0f} | {ratio} | "
+              f"{mine or float('nan'):,.0f} | {theirs or float('nan'):,.0f} | {mem} |")
+    for net in ("vgg-small", "lenet"):
+        r = find(net, 256, "cupy", rows=wide)
+        ref = find(net, 256, "pytorch-cuda", rows=wide)
+        if r and r.get("ratio_to_reference"):
+            value = r["ratio_to_reference"]["median"]
+            print(f"  {net} training: {value:.2f}x cuDNN (target >= 0.8x: {'met' if value >= 0.8 else 'NOT met'})")
+        if r and ref and r.get("device_peak_mb") and ref.get("device_peak_mb"):
+            value = r["device_peak_mb"] / ref["device_peak_mb"]
+            print(f"  {net} device memory: {value:.2f}x PyTorch's (target <= 1.2x: {'met' if value <= 1.2 else 'NOT met'})")
+for net in ("vgg-small", "lenet"):
+    r = find(net, 256, "numpy", rows=cpu16)
+    if r and r.get("ratio_to_reference"):
+        value = r["ratio_to_reference"]["median"]
+        target = " (target >= 0.8x: " + ("met" if value >= 0.8 else "NOT met") + ")" if net == "vgg-small" else ""
+        print(f"  {net} NumPy / PyTorch CPU, every core, batch 256: {value:.2f}x{target}")
 
 print("\ntests:")
 not_run = []

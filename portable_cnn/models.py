@@ -125,13 +125,19 @@ def lenet(in_channels=1, num_classes=10, input_size=28, rng=None) -> nn.Sequenti
 
     The first linear layer takes ``16 * P * Q`` features, ``P x Q`` the size
     after the second pooling (5x5 for 28x28 input, 6x6 for 32x32).
+
+    Each ``ReLU(), MaxPool2d(2)`` pair runs as ``MaxPool2d(2), ReLU()``: the
+    two commute, gradients included (docs/derivation.md, section 7.4), and
+    the ReLU then touches a quarter of the values. The state_dict is the
+    same (neither layer has parameters), and so are the logits and
+    gradients, bit for bit for finite values.
     """
     in_channels, num_classes = _check_counts(in_channels, num_classes, "lenet")
     P, Q = _after(_size_pair(input_size, "lenet"), "lenet", [(5, 1, 2), (2, 2, 0), (5, 1, 0), (2, 2, 0)])
     g = _generator(rng)
     model = nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5, padding=2, rng=g), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, rng=g), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(in_channels, 6, 5, padding=2, rng=g), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(6, 16, 5, rng=g), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * P * Q, 120, rng=g), nn.ReLU(),
         nn.Linear(120, 84, rng=g), nn.ReLU(),
@@ -148,15 +154,21 @@ def vgg_small(in_channels=3, num_classes=10, input_size=32, rng=None) -> nn.Sequ
         Flatten(), Linear(4096, 256), ReLU(), Linear(256, 10)
 
     The first linear layer takes ``64 * (H // 4) * (W // 4)`` features.
+
+    Each ``ReLU(), MaxPool2d(2)`` pair runs as ``MaxPool2d(2), ReLU()``: the
+    two commute, gradients included (docs/derivation.md, section 7.4), and
+    the ReLU then touches a quarter of the values. The state_dict is the
+    same (neither layer has parameters), and so are the logits and
+    gradients, bit for bit for finite values.
     """
     in_channels, num_classes = _check_counts(in_channels, num_classes, "vgg_small")
     P, Q = _after(_size_pair(input_size, "vgg_small"), "vgg_small", [(2, 2, 0), (2, 2, 0)])
     g = _generator(rng)
     model = nn.Sequential(
         nn.Conv2d(in_channels, 32, 3, padding=1, rng=g), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, rng=g), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1, rng=g), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1, rng=g), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1, rng=g), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1, rng=g), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(64 * P * Q, 256, rng=g), nn.ReLU(),
         nn.Linear(256, num_classes, rng=g),
@@ -175,13 +187,19 @@ def digits_net(in_channels=1, num_classes=10, input_size=8, rng=None) -> nn.Sequ
     features. It trains to about 98% test accuracy on scikit-learn's digits in
     a few seconds on a CPU. Weights He-normal, biases zero (the layers'
     default).
+
+    The ``ReLU(), MaxPool2d(2)`` pair runs as ``MaxPool2d(2), ReLU()``: the
+    two commute, gradients included (docs/derivation.md, section 7.4), and
+    the ReLU then touches a quarter of the values. The state_dict is the
+    same (neither layer has parameters), and so are the logits and
+    gradients, bit for bit for finite values.
     """
     in_channels, num_classes = _check_counts(in_channels, num_classes, "digits_net")
     P, Q = _after(_size_pair(input_size, "digits_net"), "digits_net", [(2, 2, 0)])
     g = _generator(rng)
     return nn.Sequential(
         nn.Conv2d(in_channels, 16, 3, padding=1, rng=g), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, rng=g), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, rng=g), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(32 * P * Q, 64, rng=g), nn.ReLU(),
         nn.Linear(64, num_classes, rng=g),

@@ -75,11 +75,16 @@ def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
         if HAS_TORCH:
             ratio = r["ratio_to_reference"]
             assert ratio["reference"] == "pytorch-cpu" and ratio["min"] <= ratio["median"] <= ratio["max"]
-    numpy_train = next(r for r in results if r["backend"] == "numpy" and r["mode"] == "train")
-    assert numpy_train["traced_step_peak_mb"] > 0
+    # The memory column: tracemalloc's step peak for ours on NumPy, not measured for PyTorch on the CPU.
+    for r in results:
+        assert r["dtype"] == "float32" and r["device_peak_mb"] is None
+        if r["backend"] == "numpy":
+            assert r["traced_step_peak_mb"] > 0
+        else:
+            assert r["traced_step_peak_mb"] is None
 
     env = data["environment"]
-    assert env["dtype"] == "float32" and env["versions"]["numpy"] == np.__version__
+    assert env["dtypes"] == ["float32"] and env["versions"]["numpy"] == np.__version__
     assert env["tf32"]["enabled"] is False
     assert env["references"] == (["pytorch-cpu"] if HAS_TORCH else [])
     if importlib.util.find_spec("threadpoolctl") is not None:
@@ -92,7 +97,8 @@ def test_tiny_run_writes_json_plot_and_table(tmp_path, capsys):
     assert sum(line.startswith("lenet ") for line in out.splitlines()) == len(results)
     assert data["gpu_vs_cpu"] == {"speedups": [], "overtakes": []}
     table = markdown.read_text().splitlines()
-    assert table[0].startswith("| net | mode | batch |") and len(table) == 2 + len(results)
+    assert table[0].startswith("| net | mode | batch | dtype |") and len(table) == 2 + len(results)
+    assert "| peak MiB (device / traced) |" in table[0] and "peak MiB (device / traced)" in out
 
 
 def test_wrong_result_is_caught(tmp_path, capsys, monkeypatch):
@@ -110,6 +116,68 @@ def test_wrong_result_is_caught(tmp_path, capsys, monkeypatch):
     assert "CHECK FAILED" in out and "FAIL" in out
     numpy_rows = [r for r in json.loads(json_path.read_text())["results"] if r["backend"] == "numpy"]
     assert numpy_rows and all(not r["check"]["ok"] for r in numpy_rows)
+
+
+def test_dtypes_option_takes_a_list_and_must_agree_with_dtype(capsys):
+    parser = bench.cli.configure_parser(argparse.ArgumentParser())
+    assert parser.parse_args([]).dtypes is None and parser.parse_args([]).dtype is None  # float32 alone, resolved later
+    assert parser.parse_args(["--dtypes", "float32, float64"]).dtypes == ["float32", "float64"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtypes", "float32,float16"])
+    assert "unknown dtypes float16; choose from float32, float64" in capsys.readouterr().err
+
+    status = bench.main([*TINY, "--dtype", "float64", "--dtypes", "float32,float64", "--json", "", "--plot", ""])
+    assert status == 2
+    assert capsys.readouterr().err == ("portable-cnn bench: --dtypes must equal --dtype (float64) when both are "
+                                       "given, got float32,float64\n")
+
+
+def test_two_dtypes_give_a_row_each_checked_in_their_own_dtype(tmp_path, capsys):
+    markdown = tmp_path / "out" / "table.md"
+    status, json_path, _ = _run(tmp_path, "--nets", "digits", "--batch-sizes", "4", "--backends", "numpy",
+                                "--dtypes", "float32,float64", "--markdown", str(markdown), "--plot", "")
+    out = capsys.readouterr().out
+    assert status == 0, out
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == "portable-cnn-bench/2" and data["environment"]["dtypes"] == ["float32", "float64"]
+    results = data["results"]
+    runners = {"numpy"} | ({"pytorch-cpu"} if HAS_TORCH else set())
+    assert {(r["backend"], r["mode"], r["dtype"]) for r in results} == {
+        (b, mode, dtype) for b in runners for mode in ("train", "infer") for dtype in ("float32", "float64")}
+    for r in (r for r in results if r["backend"] == "numpy"):
+        check = r["check"]
+        assert check["ok"] and check["tolerance"] == protocol.CHECK_TOLERANCES[r["dtype"]], r
+        assert r["traced_step_peak_mb"] > 0  # measured in training and in inference
+        if r["dtype"] == "float64" and HAS_TORCH:
+            # The reference ran in float64 too: a float32 PyTorch would differ by about 1e-7.
+            assert check["against"] == "pytorch-cpu" and check["max_abs_diff"] < 1e-11, check
+        elif r["dtype"] == "float64":
+            assert check["against"] == "numpy-float64" and "only determinism" in check["note"]
+
+    table = markdown.read_text().splitlines()
+    assert table[0].startswith("| net | mode | batch | dtype | backend |") and len(table) == 2 + len(results)
+    numpy_rows = [line for line in table[2:] if "| ours on numpy |" in line]
+    assert {"| float32 |" in line for line in numpy_rows} == {True, False}
+    assert all(line.split(" | ")[8].endswith(" traced") for line in numpy_rows)
+    assert all(line.split(" | ")[8] == "-" for line in table[2:] if "native PyTorch" in line)
+    assert sum(line.startswith("digits ") and " float64 " in line for line in out.splitlines()) == len(results) // 2
+
+
+def test_float64_rows_are_held_to_the_float64_tolerance(tmp_path, capsys, monkeypatch, torch):
+    """An error of 1e-6 relative passes float32's tolerance but not float64's, against PyTorch in float64."""
+    forward = nn.ReLU.forward
+
+    def off_in_float64(self, x):
+        y = forward(self, x)
+        return y * (1 + 1e-6) if B.dtype_name(y) == "float64" else y
+
+    monkeypatch.setattr(nn.ReLU, "forward", off_in_float64)
+    status, json_path, _ = _run(tmp_path, "--nets", "digits", "--batch-sizes", "4", "--backends", "numpy",
+                                "--modes", "infer", "--dtypes", "float32,float64", "--plot", "")
+    assert status == 1 and "CHECK FAILED: digits infer batch 4 float64 numpy" in capsys.readouterr().out
+    checks = {r["dtype"]: r["check"]["ok"] for r in json.loads(json_path.read_text())["results"]
+              if r["backend"] == "numpy"}
+    assert checks == {"float32": True, "float64": False}
 
 
 def test_without_torch_checks_against_float64_numpy(tmp_path):
@@ -311,8 +379,8 @@ def test_stability_rule():
     assert not protocol.stable([1.0] * 5, repeats=7, tol=0.02)
 
 
-def _record(net, mode, batch, backend, speedup=None):
-    r = {"net": net, "mode": mode, "batch_size": batch, "backend": backend}
+def _record(net, mode, batch, backend, speedup=None, dtype="float32"):
+    r = {"net": net, "mode": mode, "dtype": dtype, "batch_size": batch, "backend": backend}
     if speedup is not None:
         r["speedup_over_numpy"] = {"median": speedup, "min": speedup, "max": speedup}
     return r
@@ -323,10 +391,14 @@ def test_gpu_overtakes_cpu_is_the_first_batch_from_which_it_stays_ahead():
     for batch, speedup in ((32, 0.5), (128, 1.5), (256, 0.9), (512, 3.0), (1024, 6.0)):
         records += [_record("lenet", "train", batch, "numpy"), _record("lenet", "train", batch, "cupy", speedup)]
     records += [_record("lenet", "infer", 32, "numpy"), _record("lenet", "infer", 32, "cupy", 0.4)]
+    # float64 rows of the same configurations are compared among themselves.
+    records += [_record("lenet", "train", 32, "numpy", dtype="float64"),
+                _record("lenet", "train", 32, "cupy", 2.0, dtype="float64")]
     rows, overtakes = report.gpu_comparison(records)
-    assert [row["batch_size"] for row in rows if row["mode"] == "train"] == [32, 128, 256, 512, 1024]
-    by_mode = {o["mode"]: o["gpu_overtakes_cpu_at_batch"] for o in overtakes}
-    assert by_mode == {"train": 512, "infer": None}
+    assert [row["batch_size"] for row in rows if row["mode"] == "train" and row["dtype"] == "float32"] == [
+        32, 128, 256, 512, 1024]
+    by_mode = {(o["mode"], o["dtype"]): o["gpu_overtakes_cpu_at_batch"] for o in overtakes}
+    assert by_mode == {("train", "float32"): 512, ("infer", "float32"): None, ("train", "float64"): 32}
 
 
 def test_add_bench_parser_registers_the_subcommand():

@@ -135,6 +135,43 @@ def test_model_equals_torch_sequential(case, torch):
     np.testing.assert_allclose(ours.forward(x), expected_logits, **tol("float64"))
 
 
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("name", ["digits", "lenet", "vgg-small"])
+def test_pooling_before_relu_is_the_documented_network_bit_for_bit(name, fast_paths):
+    """Section 7.4: MaxPool2d before ReLU gives the documented ReLU-then-pool network's logits and gradients exactly.
+
+    Integer weights and inputs make the convolutions' outputs integers (exact
+    in float64), so windows tie often, at zero and above.
+    """
+    from portable_cnn import config_context
+
+    shape = {"digits": (4, 1, 8, 8), "lenet": (4, 1, 28, 28), "vgg-small": (2, 3, 32, 32)}[name]
+    ours = models.build_model(name, in_channels=shape[1], num_classes=10, input_size=shape[2], seed=0)
+    ours.to("numpy", "float64")
+    rng = np.random.default_rng(5)
+    ours.load_state_dict({k: rng.integers(-1, 2, v.shape).astype(np.float64) for k, v in ours.state_dict().items()})
+    layers = list(ours.layers)
+    swapped = [i for i in range(len(layers) - 1) if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU)]
+    assert swapped, "no MaxPool2d followed by ReLU"
+    documented = list(layers)
+    for i in swapped:
+        documented[i], documented[i + 1] = documented[i + 1], documented[i]
+    x = rng.integers(-2, 3, shape).astype(np.float64)
+    dy = rng.integers(-3, 4, (shape[0], 10)).astype(np.float64)
+
+    def run(order):  # the same layer objects in either order, one network at a time
+        net = nn.Sequential(*order)
+        logits = net.forward(x)
+        dx = net.backward(dy)
+        return [logits, dx] + [layer.grads[key].copy() for _, layer, key in net.named_parameters()]
+
+    with config_context(fast_paths=fast_paths):
+        got, expected = run(layers), run(documented)
+    assert np.count_nonzero(got[1]) > 0
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet-small"])
 def test_batchnorm_models_equal_torch_in_both_modes(name, torch):
     """Every parameter and running statistic moved off its initial value; eval logits, then train-mode gradients."""

@@ -34,6 +34,16 @@ def test_batch_parallel_runs_small_work_in_the_calling_thread():
     assert threads == [threading.current_thread()]
 
 
+def test_the_calling_thread_runs_the_first_part_and_the_pool_the_others():
+    """The caller works on part 0 instead of sleeping while the pool runs all parts (docs/benchmarks.md)."""
+    ran = {}
+    with config_context(num_threads=3):
+        _parallel.batch_parallel(lambda lo, hi, slot: ran.setdefault(slot, threading.current_thread()), 9)
+    assert sorted(ran) == [0, 1, 2]
+    assert ran[0] is threading.current_thread()
+    assert {ran[1], ran[2]}.isdisjoint({threading.current_thread()})
+
+
 def _numpy_blas_threads(threadpoolctl):
     """Thread counts of the BLAS that NumPy's matmul calls (SciPy may load another)."""
     return [
@@ -155,8 +165,8 @@ def test_conv2d_weight_gradient_adds_every_threads_part(monkeypatch):
     """Five samples on three threads: dW and db are the sums of the three parts, and three parts ran."""
     monkeypatch.setattr(_parallel, "_MIN_FLOPS_PER_THREAD", 1)
     parts = []
-    wait_all = _parallel._wait_all
-    monkeypatch.setattr(_parallel, "_wait_all", lambda jobs: parts.append(len(jobs)) or wait_all(jobs))
+    run_parts = _parallel._run_parts
+    monkeypatch.setattr(_parallel, "_run_parts", lambda run, ps, threads: parts.append(len(ps)) or run_parts(run, ps, threads))
     rng = np.random.default_rng(3)
     x, w, dy = rng.standard_normal((5, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((5, 4, 4, 3))
     with config_context(num_threads=3):

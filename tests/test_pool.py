@@ -193,6 +193,38 @@ def test_pool2d_numpy_kernels_match_the_reference(kind, cfg):
         np.testing.assert_array_equal(fast[name], standard[name], err_msg=name)
 
 
+# Windows that tile the input (stride = kernel, no padding or dilation), with ties, on channels-last memory
+# as a convolution leaves it: the NumPy kernel's rows-first maximum and its first-maximum search.
+TILED = [
+    PoolConfig(2, 3, 8, 6, 2, 2, None, None, 0, 0, ties=True, seed=4),
+    PoolConfig(1, 2, 7, 8, 3, 3, None, None, 0, 0, ties=True, seed=5),  # remainder rows and columns
+    PoolConfig(2, 1, 6, 6, 2, 3, None, None, 0, 0, ties=True, seed=6),
+    PoolConfig(1, 2, 5, 6, 1, 2, None, None, 0, 0, ties=True, seed=7),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cfg", TILED, ids=lambda c: f"{c.R}x{c.S}-on-{c.H}x{c.W}")
+def test_tiled_max_pool_on_channels_last_memory_equals_the_reference(cfg, dtype):
+    """Section 7: tiling windows take NumPy's rows-first path (spied) and give the reference's y, argmax and dx."""
+    from portable_cnn.kernels.numpy import pool as numpy_pool
+
+    x, dy = (t.astype(dtype) for t in cfg.arrays())
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # (N, C, H, W) view of (N, H, W, C)
+
+    def run():
+        y, argmax = max_pool2d(x, **cfg.options)
+        return y, argmax, max_pool2d_backward(dy, argmax, x.shape, **cfg.options)
+
+    with mock.patch.object(numpy_pool, "_tiled_max", wraps=numpy_pool._tiled_max) as spy:
+        fast = run()
+    assert spy.called
+    with config_context(fast_paths=False):
+        standard = run()
+    for name, got, expected in zip(("y", "argmax", "dx"), fast, standard):
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
 def test_max_pool2d_constant_input_sends_gradient_to_each_window_first_element():
     """Section 7: on a constant input every window's gradient goes to its first (top-left, unpadded) element."""
     x = np.full((1, 1, 4, 5), 2.0)

@@ -11,13 +11,15 @@ and backend:
 Backends are ours (``numpy``, ``torch`` = our code on PyTorch tensors through
 the array API, ``cupy``, ``array_api_strict``) and the reference, native
 PyTorch (``torch.nn`` and ``torch.optim.SGD``, the same network with the same
-weights loaded from our ``state_dict``, the same batch and dtype), on the CPU
+weights loaded from our ``state_dict``, the same batch and dtype: float32,
+float64 or both, a row each, with ``--dtypes``), on the CPU
 for the CPU backends and on the GPU (cuDNN) for CuPy. Every figure is a ratio
 to that reference, measured by the protocol of :mod:`.protocol`.
 
 The report: the BLAS library and kernel (threadpoolctl), thread counts, a
 table in the terminal, a JSON file (``--json``), a PNG plot (``--plot``), the
-peak memory, the CuPy-over-NumPy speed-up and the batch size at which the GPU
+peak memory (per row: the device peak on the GPU, tracemalloc's step peak for
+ours on NumPy), the CuPy-over-NumPy speed-up and the batch size at which the GPU
 overtakes the CPU, and with ``--breakdown`` a per-layer-type time split with
 GFLOP/s for the convolutions. matplotlib and threadpoolctl are optional (the
 ``bench`` extra): without them the plot or the BLAS line is skipped with a
@@ -42,6 +44,6 @@ functions that use them.
 """
 
 from .cli import add_bench_parser, main, run_bench
-from .protocol import MODES, NETS, OUR_BACKENDS
+from .protocol import DTYPES, MODES, NETS, OUR_BACKENDS
 
-__all__ = ["NETS", "MODES", "OUR_BACKENDS", "add_bench_parser", "run_bench", "main"]
+__all__ = ["NETS", "MODES", "DTYPES", "OUR_BACKENDS", "add_bench_parser", "run_bench", "main"]

@@ -203,26 +203,27 @@ def time_step_by_layer(model, x, labels, steps: int = 5) -> dict:
     }
 
 
-def run_breakdown(args, net: str, batch: int, backend_name: str) -> dict:
+def run_breakdown(args, net: str, batch: int, backend_name: str, dtype: str) -> dict:
     """The breakdown of ``net`` at ``batch`` on one of our backends, with the benchmark's weights and batch.
 
     Parameters
     ----------
     args : argparse.Namespace
-        The ``bench`` options; reads ``dtype``, ``seed`` and ``breakdown_steps``.
+        The ``bench`` options; reads ``seed`` and ``breakdown_steps``.
     net : str
     batch : int
     backend_name : str
+    dtype : {"float32", "float64"}
 
     Returns
     -------
     dict
-        ``net``, ``batch_size``, ``backend`` and what :func:`time_step_by_layer` returns.
+        ``net``, ``batch_size``, ``backend``, ``dtype`` and what :func:`time_step_by_layer` returns.
     """
-    x_np, y_np = make_batch(net, batch, args.dtype, args.seed)
+    x_np, y_np = make_batch(net, batch, dtype, args.seed)
     xp = backend.get_namespace(backend_name)
-    model = build_model(net, args.seed).to(backend_name, args.dtype)
-    x = backend.asarray(x_np, xp, dtype=args.dtype)
+    model = build_model(net, args.seed).to(backend_name, dtype)
+    x = backend.asarray(x_np, xp, dtype=dtype)
     labels = backend.asarray(y_np, xp)
-    return {"net": net, "batch_size": batch, "backend": backend_name,
+    return {"net": net, "batch_size": batch, "backend": backend_name, "dtype": dtype,
             **time_step_by_layer(model, x, labels, steps=args.breakdown_steps)}

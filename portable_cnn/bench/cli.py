@@ -12,7 +12,7 @@ from ..paths import OutputPathError, check_outputs
 from . import report
 from .breakdown import run_breakdown
 from .environment import configure_tf32, describe, torch_installed
-from .protocol import MODES, NETS, OUR_BACKENDS
+from .protocol import DTYPES, MODES, NETS, OUR_BACKENDS
 from .runners import run_config
 
 DESCRIPTION = (
@@ -59,7 +59,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "array_api_strict (default: every available among numpy, torch, cupy)")
     parser.add_argument("--modes", type=_csv("modes", MODES), default=list(MODES),
                         help="train, infer or both (default: train,infer)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="the floating-point type of every runner, ours and PyTorch's (default: float32)")
+    parser.add_argument("--dtypes", type=_csv("dtypes", DTYPES), default=None,
+                        help="comma-separated dtypes to measure in one run, a row each (e.g. float32,float64); "
+                             "the same as --dtype for one")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats at least (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per runner (default 2)")
     parser.add_argument("--repeat-seconds", type=float, default=1.0,
@@ -166,6 +170,17 @@ def _references(args, backends, torch_mod):
     return devices, note
 
 
+def _resolve_dtypes(args):
+    """The dtypes to measure from ``--dtype`` and ``--dtypes``; ``(dtypes, None)``, or ``(None, error line)``."""
+    if args.dtypes is None:
+        return [args.dtype or "float32"], None
+    dtypes = list(dict.fromkeys(args.dtypes))
+    if args.dtype is not None and dtypes != [args.dtype]:
+        return None, (f"portable-cnn bench: --dtypes must equal --dtype ({args.dtype}) when both are given, "
+                      f"got {','.join(args.dtypes)}")
+    return dtypes, None
+
+
 def run_bench(args) -> int:
     """Run the benchmark that parsed ``bench`` options describe, print the report and write its files.
 
@@ -196,6 +211,10 @@ def run_bench(args) -> int:
     except OutputPathError as exc:
         print(f"portable-cnn bench: {exc}", file=sys.stderr)
         return 2
+    args.dtypes, error = _resolve_dtypes(args)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     # Before CuPy's first GEMM (cupy_status below runs only an elementwise kernel).
     backend.set_tf32(args.tf32)
     try:
@@ -223,27 +242,32 @@ def run_bench(args) -> int:
     for net in args.nets:
         for batch in args.batch_sizes:
             for mode in args.modes:
-                t0 = time.perf_counter()
-                recs = run_config(args, net, batch, mode, backends, torch_mod, references)
-                records.extend(recs)
-                summary = ", ".join(f"{r['backend']} {report.format_ips(r['images_per_s']['median'])}/s" for r in recs)
-                _log(args, f"  {net} {mode} batch {batch}: {summary} ({time.perf_counter() - t0:.1f} s)")
+                # The dtypes innermost: their rows of one configuration stand together in the table.
+                for dtype in args.dtypes:
+                    t0 = time.perf_counter()
+                    recs = run_config(args, net, batch, mode, dtype, backends, torch_mod, references)
+                    records.extend(recs)
+                    summary = ", ".join(f"{r['backend']} {report.format_ips(r['images_per_s']['median'])}/s"
+                                        for r in recs)
+                    _log(args, f"  {net} {mode} batch {batch} {dtype}: {summary} ({time.perf_counter() - t0:.1f} s)")
 
     failed = report.print_results(records)
     gpu_rows, overtakes = report.gpu_comparison(records)
     report.print_gpu_comparison(gpu_rows, overtakes)
-    report.print_memory(records)
+    report.print_memory()
 
     breakdowns = []
     if args.breakdown:
         chosen = args.breakdown_backends or [b for b in backends if b in ("numpy", "cupy")]
         for b in chosen:
-            for net in args.nets:
-                for batch in args.batch_sizes:
-                    breakdowns.append(run_breakdown(args, net, batch, b))
-                    report.print_breakdown(breakdowns[-1])
+            for dtype in args.dtypes:
+                for net in args.nets:
+                    for batch in args.batch_sizes:
+                        breakdowns.append(run_breakdown(args, net, batch, b, dtype))
+                        report.print_breakdown(breakdowns[-1])
 
-    output = {"schema": "portable-cnn-bench/1", "environment": env, "results": records,
+    # Schema 2: the environment's "dtype" became "dtypes" (a list), and every record carries its "dtype".
+    output = {"schema": "portable-cnn-bench/2", "environment": env, "results": records,
               "gpu_vs_cpu": {"speedups": gpu_rows, "overtakes": overtakes}, "breakdown": breakdowns}
     report.write_outputs(output, args.json_path, args.markdown_path, args.plot_path)
     return 1 if failed else 0

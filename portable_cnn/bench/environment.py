@@ -111,7 +111,7 @@ def describe(args, backends, torch_mod, cupy_info) -> dict:
     Parameters
     ----------
     args : argparse.Namespace
-        The ``bench`` options (dtype, seed and the protocol's settings are recorded).
+        The ``bench`` options (dtypes, seed and the protocol's settings are recorded).
     backends : list of str
         Our backends measured.
     torch_mod : module or None
@@ -122,7 +122,7 @@ def describe(args, backends, torch_mod, cupy_info) -> dict:
     Returns
     -------
     dict
-        ``date_utc``, ``machine``, ``versions``, ``blas_env``, ``dtype``,
+        ``date_utc``, ``machine``, ``versions``, ``blas_env``, ``dtypes``,
         ``backends``, ``protocol``, ``blas``, ``blas_note`` and, where present,
         ``torch`` and ``cupy``; JSON-serialisable.
     """
@@ -138,7 +138,7 @@ def describe(args, backends, torch_mod, cupy_info) -> dict:
         },
         "versions": {"portable_cnn": __version__, "numpy": np.__version__, "git": _git_revision()},
         "blas_env": {name: os.environ[name] for name in BLAS_ENV if name in os.environ},
-        "dtype": args.dtype,
+        "dtypes": args.dtypes,
         "backends": backends,
         "protocol": {
             "repeats_min": args.repeats, "warmup_steps": args.warmup, "repeat_seconds": args.repeat_seconds,

@@ -49,6 +49,8 @@ NUM_CLASSES = 10
 #: Backends of ours that ``--backends`` accepts.
 OUR_BACKENDS = ("numpy", "torch", "cupy", "array_api_strict")
 MODES = ("train", "infer")
+#: Dtypes that ``--dtype``/``--dtypes`` accept; each has its first-step tolerance in :data:`CHECK_TOLERANCES`.
+DTYPES = ("float32", "float64")
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 #: The first-step check: our loss/logits against the reference's, same weights, same batch.

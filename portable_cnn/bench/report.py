@@ -32,9 +32,29 @@ def _ratio_text(r) -> str:
     return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
 
 
+#: The memory column's header, in the terminal and in Markdown (:func:`memory_text` says what a cell holds).
+MEMORY_HEADER = "peak MiB (device / traced)"
+
+
+def memory_text(r) -> str:
+    """A record's memory cell: the device peak on the GPU, else the traced step peak, else ``-`` (not measured).
+
+    >>> memory_text({"device_peak_mb": None, "traced_step_peak_mb": 2.63})
+    '2.6 traced'
+    >>> memory_text({"device_peak_mb": 512.0, "traced_step_peak_mb": None}), memory_text({"device_peak_mb": None})
+    ('512.0 device', '-')
+    """
+    if r.get("device_peak_mb") is not None:
+        return f"{r['device_peak_mb']:,.1f} device"
+    if r.get("traced_step_peak_mb") is not None:
+        return f"{r['traced_step_peak_mb']:,.1f} traced"
+    return "-"
+
+
 def format_table(records) -> str:
     """The results as a plain-text table, one row per record; ``~`` marks a median that had not settled."""
-    header = ("net", "mode", "batch", "backend", "images/s", "min-max", "vs PyTorch (min-max)", "check")
+    header = ("net", "mode", "batch", "dtype", "backend", "images/s", "min-max", "vs PyTorch (min-max)",
+              MEMORY_HEADER, "check")
     lines = []
     for r in records:
         ips, check = r["images_per_s"], r["check"]
@@ -46,10 +66,11 @@ def format_table(records) -> str:
         else:
             check_text = "ok (finite)"
         stable = "" if r["stable"] else " ~"
-        lines.append((r["net"], r["mode"], str(r["batch_size"]), r["label"], format_ips(ips["median"]) + stable,
-                      f"{format_ips(ips['min'])}-{format_ips(ips['max'])}", _ratio_text(r), check_text))
+        lines.append((r["net"], r["mode"], str(r["batch_size"]), r["dtype"], r["label"],
+                      format_ips(ips["median"]) + stable, f"{format_ips(ips['min'])}-{format_ips(ips['max'])}",
+                      _ratio_text(r), memory_text(r), check_text))
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
-    right = {2, 4, 5}
+    right = {2, 5, 6, 8}
     out = []
     for j, row in enumerate([header] + lines):
         cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
@@ -62,8 +83,9 @@ def format_table(records) -> str:
 def format_markdown(records) -> str:
     """The results table in Markdown, for docs/benchmarks.md."""
     lines = [
-        "| net | mode | batch | backend | images/s (median) | min-max | vs PyTorch, median (min-max) | first-step check |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | --- |",
+        "| net | mode | batch | dtype | backend | images/s (median) | min-max | vs PyTorch, median (min-max) | "
+        f"{MEMORY_HEADER} | first-step check |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | --- |",
     ]
     for r in records:
         ips, check = r["images_per_s"], r["check"]
@@ -73,40 +95,41 @@ def format_markdown(records) -> str:
             check_text = f"ok, diff {check['max_abs_diff']:.0e}"
         else:
             check_text = "ok (finite)"
-        lines.append(f"| {r['net']} | {r['mode']} | {r['batch_size']} | {r['label']} | {format_ips(ips['median'])}"
-                     f"{'' if r['stable'] else ' ~'} | {format_ips(ips['min'])}-{format_ips(ips['max'])} | "
-                     f"{_ratio_text(r)} | {check_text} |")
+        lines.append(f"| {r['net']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | {r['label']} | "
+                     f"{format_ips(ips['median'])}{'' if r['stable'] else ' ~'} | "
+                     f"{format_ips(ips['min'])}-{format_ips(ips['max'])} | {_ratio_text(r)} | {memory_text(r)} | "
+                     f"{check_text} |")
     return "\n".join(lines) + "\n"
 
 
 def gpu_comparison(records) -> tuple[list, list]:
-    """CuPy over NumPy: the speed-up per net/mode/batch, and the batch size from which the GPU stays ahead.
+    """CuPy over NumPy: the speed-up per net/mode/dtype/batch, and the batch size from which the GPU stays ahead.
 
     Returns
     -------
     speedups : list of dict
-        ``net``, ``mode``, ``batch_size`` and ``speedup`` (median, min, max of the per-round ratios).
+        ``net``, ``mode``, ``dtype``, ``batch_size`` and ``speedup`` (median, min, max of the per-round ratios).
     overtakes : list of dict
-        Per net and mode: ``gpu_overtakes_cpu_at_batch`` (None if the GPU is
-        not ahead at the largest batch) and ``smallest_measured``.
+        Per net, mode and dtype: ``gpu_overtakes_cpu_at_batch`` (None if the
+        GPU is not ahead at the largest batch) and ``smallest_measured``.
     """
     rows, overtakes = [], []
-    by_key = {(r["net"], r["mode"], r["batch_size"], r["backend"]): r for r in records}
-    for net, mode in sorted({(r["net"], r["mode"]) for r in records}):
-        sizes = sorted({r["batch_size"] for r in records if r["net"] == net and r["mode"] == mode})
-        first_faster = None
+    by_key = {(r["net"], r["mode"], r["dtype"], r["batch_size"], r["backend"]): r for r in records}
+    for net, mode, dtype in sorted({(r["net"], r["mode"], r["dtype"]) for r in records}):
+        sizes = sorted({r["batch_size"] for r in records if (r["net"], r["mode"], r["dtype"]) == (net, mode, dtype)})
+        first_faster, measured = None, False
         for batch in sizes:
-            gpu, cpu = by_key.get((net, mode, batch, "cupy")), by_key.get((net, mode, batch, "numpy"))
+            gpu, cpu = by_key.get((net, mode, dtype, batch, "cupy")), by_key.get((net, mode, dtype, batch, "numpy"))
             if gpu is None or cpu is None:
                 continue
-            speedup = gpu["speedup_over_numpy"]
-            rows.append({"net": net, "mode": mode, "batch_size": batch, "speedup": speedup})
+            speedup, measured = gpu["speedup_over_numpy"], True
+            rows.append({"net": net, "mode": mode, "dtype": dtype, "batch_size": batch, "speedup": speedup})
             if speedup["median"] > 1.0 and first_faster is None:
                 first_faster = batch
             elif speedup["median"] <= 1.0:
                 first_faster = None  # the GPU must stay ahead from there on
-        if any(row["net"] == net and row["mode"] == mode for row in rows):
-            overtakes.append({"net": net, "mode": mode, "gpu_overtakes_cpu_at_batch": first_faster,
+        if measured:
+            overtakes.append({"net": net, "mode": mode, "dtype": dtype, "gpu_overtakes_cpu_at_batch": first_faster,
                               "smallest_measured": sizes[0]})
     return rows, overtakes
 
@@ -141,7 +164,7 @@ def print_environment(env) -> None:
     tf32 = env["tf32"]
     switches = "; ".join(v for k, v in tf32.items() if k != "enabled") if len(tf32) > 1 else "no GPU in this run"
     print(f"tf32: {'on' if tf32['enabled'] else 'off'} ({switches})")
-    print(f"dtype {env['dtype']}; {env['protocol']['optimizer']}; backends {', '.join(env['backends'])}; "
+    print(f"dtypes {', '.join(env['dtypes'])}; {env['protocol']['optimizer']}; backends {', '.join(env['backends'])}; "
           f"reference {', '.join(env['references']) or 'none'}")
     for note in env["notes"]:
         print(f"note: {note}")
@@ -155,7 +178,8 @@ def print_results(records) -> list[dict]:
         print("~ : the median had not settled within --max-seconds")
     failed = [r for r in records if not r["check"]["ok"]]
     for r in failed:
-        print(f"CHECK FAILED: {r['net']} {r['mode']} batch {r['batch_size']} {r['backend']}: {r['check']}")
+        print(f"CHECK FAILED: {r['net']} {r['mode']} batch {r['batch_size']} {r['dtype']} {r['backend']}: "
+              f"{r['check']}")
     return failed
 
 
@@ -166,36 +190,33 @@ def print_gpu_comparison(rows, overtakes) -> None:
     print("\nGPU (cupy) over CPU (numpy), images/s ratio, median (min-max):")
     for row in rows:
         s = row["speedup"]
-        print(f"  {row['net']:<10} {row['mode']:<6} batch {row['batch_size']:>5}: "
+        print(f"  {row['net']:<10} {row['mode']:<6} {row['dtype']} batch {row['batch_size']:>5}: "
               f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})")
     for o in overtakes:
         at = o["gpu_overtakes_cpu_at_batch"]
         text = (f"from batch {at} on" if at is not None and at != o["smallest_measured"] else
                 f"already at the smallest batch measured ({at})" if at is not None else
                 "not within the batch sizes measured")
-        print(f"  {o['net']} {o['mode']}: the GPU overtakes the CPU {text}")
+        print(f"  {o['net']} {o['mode']} {o['dtype']}: the GPU overtakes the CPU {text}")
 
 
-def print_memory(records) -> None:
-    """The process's peak RSS, NumPy's per-step allocation and the device peaks."""
+def print_memory() -> None:
+    """The process's peak RSS, and what the table's memory column holds."""
     peak = peak_rss_mb()
     if peak is None:
         print("\npeak memory: process RSS not available on this platform (no resource module)")
     else:
         print(f"\npeak memory: process RSS {peak:,.0f} MiB (ru_maxrss, all runners together)")
-    for r in records:
-        if r.get("traced_step_peak_mb") is not None:
-            print(f"  {r['net']} batch {r['batch_size']} numpy training step allocates up to "
-                  f"{r['traced_step_peak_mb']:,.1f} MiB (tracemalloc)")
-        if r.get("device_peak_mb") is not None:
-            print(f"  {r['net']} {r['mode']} batch {r['batch_size']} {r['backend']}: device peak "
-                  f"{r['device_peak_mb']:,.1f} MiB")
+    print(f"{MEMORY_HEADER}: device = the runner's peak GPU memory over the configuration (CuPy's pool, "
+          "PyTorch's max_memory_allocated); traced = what one step allocates above what was live before it "
+          "(tracemalloc: ours on numpy and array_api_strict); - = not measured (PyTorch's CPU allocator is "
+          "invisible to tracemalloc)")
 
 
 def print_breakdown(b) -> None:
     """One breakdown: ms per step, then ms, share and GFLOP/s per category."""
-    print(f"\nbreakdown: {b['net']} batch {b['batch_size']} on {b['backend']}: {b['step_ms']:.1f} ms/step "
-          f"({b['images_per_s_with_syncs']:,.0f} images/s with per-layer syncs)")
+    print(f"\nbreakdown: {b['net']} batch {b['batch_size']} on {b['backend']}, {b['dtype']}: "
+          f"{b['step_ms']:.1f} ms/step ({b['images_per_s_with_syncs']:,.0f} images/s with per-layer syncs)")
     for row in b["rows"]:
         gf = f"{row['gflop_per_s']:8.1f} GFLOP/s" if "gflop_per_s" in row else ""
         print(f"  {row['category']:<26} {row['ms']:9.2f} ms {row['percent']:6.1f}%  {gf}")
@@ -220,14 +241,16 @@ def plot(path, records, env) -> str | None:
         for j, net in enumerate(nets):
             ax = axes[i][j]
             subset = [r for r in records if r["net"] == net and r["mode"] == mode]
-            for label in dict.fromkeys(r["label"] for r in subset):
-                rows = sorted((r for r in subset if r["label"] == label), key=lambda r: r["batch_size"])
+            for label, dtype in dict.fromkeys((r["label"], r["dtype"]) for r in subset):
+                rows = sorted((r for r in subset if (r["label"], r["dtype"]) == (label, dtype)),
+                              key=lambda r: r["batch_size"])
                 xs = [r["batch_size"] for r in rows]
                 med = np.array([r["images_per_s"]["median"] for r in rows])
                 low = med - np.array([r["images_per_s"]["min"] for r in rows])
                 high = np.array([r["images_per_s"]["max"] for r in rows]) - med
                 fmt = "s--" if rows[0]["reference"] else "o-"  # the reference dashed, with squares
-                ax.errorbar(xs, med, yerr=[low, high], fmt=fmt, capsize=3, label=label)
+                ax.errorbar(xs, med, yerr=[low, high], fmt=fmt, capsize=3,
+                            label=f"{label}, {dtype}" if len(env["dtypes"]) > 1 else label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -241,7 +264,8 @@ def plot(path, records, env) -> str | None:
             ax.set_ylabel("images/s (median, min-max)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"portable-cnn bench, {env['dtype']}, {env['machine']['cpu']}, {env['date_utc']}", fontsize=9)
+    fig.suptitle(f"portable-cnn bench, {', '.join(env['dtypes'])}, {env['machine']['cpu']}, {env['date_utc']}",
+                 fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

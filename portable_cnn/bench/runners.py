@@ -109,8 +109,13 @@ class OursRunner:
         return None
 
     def traced_step_peak_mb(self):
-        """Peak memory NumPy allocates during one step (tracemalloc sees NumPy's buffers); None on other backends."""
-        if self.name != "numpy":
+        """Peak memory one step allocates above what was live before it, in MiB; None where tracemalloc is blind.
+
+        tracemalloc sees NumPy's buffers, so this is measured on ``numpy`` and
+        ``array_api_strict`` (NumPy underneath); PyTorch's and CuPy's
+        allocators bypass Python's and are not seen.
+        """
+        if self.name not in ("numpy", "array_api_strict"):
             return None
         import tracemalloc
 
@@ -198,7 +203,7 @@ class TorchRunner:
         return None
 
     def traced_step_peak_mb(self):
-        """Not measured for PyTorch."""
+        """None: PyTorch's CPU allocator bypasses Python's, so tracemalloc does not see it, and it keeps no peak."""
         return None
 
 
@@ -230,9 +235,10 @@ def _first_value(value, mode):
     return {"shape": list(value.shape), "abs_mean": float(np.mean(np.abs(value))) if value.size else 0.0}
 
 
-def _first_step_checks(args, runners, first, fallback, mode, comparable) -> dict:
+def _first_step_checks(args, runners, first, fallback, mode, dtype, comparable) -> dict:
     """Each runner's first-step check: against a reference on its device, else any reference, else ``fallback()``.
 
+    The tolerance is ``dtype``'s (the reference runs in the row's dtype too);
     ``comparable`` is False where values cannot agree between libraries (dropout
     masks); then, as for the reference itself, only finiteness is checked.
     """
@@ -255,15 +261,17 @@ def _first_step_checks(args, runners, first, fallback, mode, comparable) -> dict
                 checks[r.name]["note"] = ("network has dropout: random masks differ between libraries, "
                                           "first-step values not compared")
         else:
-            tf32 = args.tf32 and r.device_kind == "gpu" and args.dtype == "float32"
-            tolerance = CHECK_TOLERANCES["tf32" if tf32 else args.dtype]
+            tf32 = args.tf32 and r.device_kind == "gpu" and dtype == "float32"
+            tolerance = CHECK_TOLERANCES["tf32" if tf32 else dtype]
             checks[r.name] = {**compare(value, expected, tolerance), "against": against, "finite": finite,
                               "first_value": _first_value(value, mode), "reference_value": _first_value(expected, mode),
                               "tolerance": tolerance}
+            if against == "numpy-float64" and dtype == "float64" and r.name == "numpy":
+                checks[r.name]["note"] = "the oracle is this same code: only determinism is checked"
     return checks
 
 
-def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[dict]:
+def run_config(args, net, batch, mode, dtype, backends, torch_mod, references) -> list[dict]:
     """Check, then measure every runner of one configuration, interleaved; return one result record per runner.
 
     Parameters
@@ -273,6 +281,8 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
     net : str
     batch : int
     mode : {"train", "infer"}
+    dtype : {"float32", "float64"}
+        Of every runner, ours and the references.
     backends : list of str
         Our backends.
     torch_mod : module or None
@@ -283,11 +293,13 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
     Returns
     -------
     list of dict
-        Per runner: images/s and ms/step (median, min, max), repeats, the
-        first-step check, memory, and the ratio to the reference on its device
-        (and for CuPy the speed-up over NumPy) from the per-round ratios.
+        Per runner: its ``dtype``, images/s and ms/step (median, min, max),
+        repeats, the first-step check, memory (``device_peak_mb`` and
+        ``traced_step_peak_mb``, None where not measured), and the ratio to the
+        reference on its device (and for CuPy the speed-up over NumPy) from the
+        per-round ratios.
     """
-    x_np, y_np = make_batch(net, batch, args.dtype, args.seed)
+    x_np, y_np = make_batch(net, batch, dtype, args.seed)
     model_np = build_model(net, args.seed)
     state = {k: np.array(backend.to_numpy(v), copy=True) for k, v in model_np.state_dict().items()}
 
@@ -298,8 +310,8 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
         torch_mod.cuda.empty_cache()
         torch_mod.cuda.reset_peak_memory_stats()
 
-    runners = [OursRunner(b, net, state, x_np, y_np, mode, args.dtype, args.seed) for b in backends]
-    runners += [TorchRunner(torch_mod, dev, model_np, state, x_np, y_np, mode, args.dtype) for dev in references]
+    runners = [OursRunner(b, net, state, x_np, y_np, mode, dtype, args.seed) for b in backends]
+    runners += [TorchRunner(torch_mod, dev, model_np, state, x_np, y_np, mode, dtype) for dev in references]
 
     # The first step, checked: same weights, same batch as the reference.
     first = {}
@@ -310,7 +322,7 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
         first[r.name] = r.result()
     has_dropout = any(isinstance(module, nn.Dropout) for _, module in model_np.named_modules())
     checks = _first_step_checks(
-        args, runners, first, lambda: float64_reference(net, state, x_np, y_np, mode, args.seed), mode,
+        args, runners, first, lambda: float64_reference(net, state, x_np, y_np, mode, args.seed), mode, dtype,
         comparable=not (has_dropout and mode == "train"),
     )
 
@@ -322,7 +334,7 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
     ips = {r.name: [batch / t for t in samples[r.name]] for r in runners}
     for r in runners:
         rec = {
-            "net": net, "batch_size": batch, "mode": mode, "backend": r.name, "label": r.label,
+            "net": net, "batch_size": batch, "mode": mode, "dtype": dtype, "backend": r.name, "label": r.label,
             "device": r.device_kind, "reference": r.is_reference,
             "images_per_s": summary(ips[r.name]),
             "step_ms": summary([1000 * t for t in samples[r.name]]),
@@ -330,12 +342,11 @@ def run_config(args, net, batch, mode, backends, torch_mod, references) -> list[
             "stable": stable(samples[r.name], args.repeats, args.stable_tol),
             "check": {**checks[r.name], "finite_every_repeat": finite_all[r.name]},
             "peak_rss_mb_process": rss,
+            # Both outside the clock: the device peak read after the repeats, the traced step one more step.
             "device_peak_mb": r.device_peak_mb(),
+            "traced_step_peak_mb": r.traced_step_peak_mb(),
         }
         rec["check"]["ok"] = bool(rec["check"]["ok"] and finite_all[r.name])
-        traced = r.traced_step_peak_mb() if mode == "train" else None
-        if traced is not None:
-            rec["traced_step_peak_mb"] = traced
         ref = next((q for q in runners if q.is_reference and q.device_kind == r.device_kind), None)
         if ref is not None and not r.is_reference:
             paired = [a / b for a, b in zip(ips[r.name], ips[ref.name])]

@@ -97,7 +97,11 @@ def _single_threaded_blas():
     return _blas_controller.limit(limits=1, user_api="blas")
 
 
-_MIN_FLOPS_PER_THREAD = 2_000_000  # ~20 us of GEMM: below it, waking a thread costs more
+# ~0.2 ms of single-threaded GEMM (about 100 GFLOP/s a core). Waking a pool
+# thread and waiting for it cost about 0.08 ms on the 2-core VM, so a job
+# below this ran slower on two threads: lenet's linear layers (12-25 MFLOP)
+# took 1.5-3x as long on two as on one (docs/benchmarks.md, issue 15).
+_MIN_FLOPS_PER_THREAD = 20_000_000
 
 
 def batch_parallel(work, n: int, *, flops: float | None = None) -> None:
@@ -118,12 +122,10 @@ def batch_parallel(work, n: int, *, flops: float | None = None) -> None:
         with _single_threaded_blas():
             work(0, n, 0)
         return
-    pool = _executor(threads)
     bounds = np.linspace(0, n, threads + 1).astype(int)
+    parts = list(enumerate(zip(bounds[:-1], bounds[1:])))
     with _single_threaded_blas():
-        work = _with_callers_errstate(work)
-        jobs = [pool.submit(work, lo, hi, slot) for slot, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        _wait_all(jobs)
+        _run_parts(lambda slot, lo, hi: work(lo, hi, slot), parts, threads)
 
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
@@ -142,13 +144,25 @@ def parallel_apply(func, out: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
     if threads <= 1:
         func(out, *inputs)
         return out
-    pool = _executor(threads)
     bounds = np.linspace(0, out.shape[0], threads + 1).astype(int)
-    func = _with_callers_errstate(func)
-    jobs = [
-        pool.submit(func, out[lo:hi], *(a[lo:hi] for a in inputs))
-        for lo, hi in zip(bounds[:-1], bounds[1:])
-        if hi > lo
-    ]
-    _wait_all(jobs)
+    parts = [(slot, (lo, hi)) for slot, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+    _run_parts(lambda slot, lo, hi: func(out[lo:hi], *(a[lo:hi] for a in inputs)), parts, threads)
     return out
+
+
+def _run_parts(run, parts, threads: int) -> None:
+    """``run(slot, lo, hi)`` for every part: the first in the calling thread, the others on the pool.
+
+    The caller works instead of sleeping until the pool is done: on a virtual
+    machine waking an idle core takes tens of microseconds, so a job the
+    caller hands off and then waits for pays that twice (the worker's wake
+    and its own).
+    """
+    pool = _executor(threads - 1)
+    run_here = _with_callers_errstate(run)  # the pool's threads get the caller's np.errstate too
+    jobs = [pool.submit(run_here, slot, lo, hi) for slot, (lo, hi) in parts[1:]]
+    try:
+        slot, (lo, hi) = parts[0]
+        run(slot, lo, hi)
+    finally:
+        _wait_all(jobs)

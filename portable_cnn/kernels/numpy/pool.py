@@ -58,18 +58,66 @@ def _windows_disjoint(g) -> bool:
     return g.u >= g.dh * (g.R - 1) + 1 and g.v >= g.dw * (g.S - 1) + 1
 
 
+def _tiles(g) -> bool:
+    """Windows that tile the input's top-left ``P*R x Q*S`` corner: stride = kernel, no dilation, padding or ceil frame.
+
+    Then each output is the maximum of an ``R x S`` block of ``x``, and
+    :func:`_tiled_max` takes it a row of blocks at a time.
+    """
+    return ((g.u, g.v) == (g.R, g.S) and (g.dh, g.dw) == (1, 1)
+            and (g.frame_height, g.frame_width) == (g.H, g.W))
+
+
+def _tiled_max(xt, g, out):
+    """The maximum of each ``R x S`` block of ``xt`` (N, H, W, C) into ``out`` (N, P, Q, C).
+
+    Rows first: the maximum over the ``R`` rows of a block is an elementwise
+    maximum of whole image rows (runs of ``W*C`` contiguous floats, one
+    NumPy inner loop each), which leaves ``S`` taps of ``C`` floats to
+    combine per output instead of ``R*S``. For lenet's first pooling
+    (28x28x6) about 1.7x faster than tap by tap.
+    """
+    n, (P, Q, R, S) = xt.shape[0], (g.P, g.Q, g.R, g.S)
+    rows = xt[:, : P * R].reshape(n, P, R, g.W * g.C)  # (n, P, R, W*C)
+    if R == 1:
+        by_row = rows[:, :, 0]
+    else:
+        by_row = np.maximum(rows[:, :, 0], rows[:, :, 1])  # (n, P, W*C)
+        for r in range(2, R):
+            np.maximum(by_row, rows[:, :, r], out=by_row)
+    blocks = by_row.reshape(n, P, g.W, g.C)[:, :, : Q * S].reshape(n, P, Q, S, g.C)  # (n, P, Q, S, C)
+    np.copyto(out, blocks[:, :, :, 0])
+    for s in range(1, S):
+        np.maximum(out, blocks[:, :, :, s], out=out)
+
+
 def max_pool2d_forward(xp, x, g):
     """``(y, argmax)`` as (N, C, P, Q) views of channels-last memory."""
     frame = _nhwc_frame(x, g, -np.inf)  # (N, frame_height, frame_width, C)
     best = np.empty((g.N, g.P, g.Q, g.C), dtype=x.dtype)  # (N, P, Q, C)
     index_dtype = np.int8 if g.taps <= 127 else np.int64
     argmax = np.zeros((g.N, g.P, g.Q, g.C), dtype=index_dtype)  # (N, P, Q, C)
+    # Rows of W*C contiguous floats only in channels-last memory (any stride goes with one channel).
+    tiles = _tiles(g) and (g.C == 1 or frame.strides[2] == g.C * frame.strides[3])
 
     def work(lo, hi, slot):  # each thread pools its own samples
-        taps = _nhwc_taps(g)
-        np.copyto(best[lo:hi], frame[lo:hi][next(taps)])
-        for k, index in enumerate(taps, start=1):
-            tap = frame[lo:hi][index]
+        taps = list(_nhwc_taps(g))
+        if tiles:
+            _tiled_max(frame[lo:hi], g, best[lo:hi])
+            # The first tap equal to the maximum, found from the last tap
+            # back: index k + (0 if tap k is the maximum else the index
+            # found for taps after k), as "k + below * (1 + later)" in int8.
+            # A window holding NaN has a NaN maximum and sends its
+            # gradient to its first tap.
+            later = argmax[lo:hi]  # zeros: the last tap's offset
+            for k in range(g.taps - 2, -1, -1):
+                below = np.less(frame[lo:hi][taps[k]], best[lo:hi])
+                np.add(later, 1, out=later)
+                np.multiply(later, below, out=later)
+            return
+        np.copyto(best[lo:hi], frame[lo:hi][taps[0]])
+        for k in range(1, len(taps)):
+            tap = frame[lo:hi][taps[k]]
             # Taps come in increasing k, so "set k where this tap is strictly
             # greater" is a maximum with k * mask: elementwise ufuncs only,
             # several times faster than boolean-mask assignment or np.where.
@@ -83,8 +131,10 @@ def max_pool2d_forward(xp, x, g):
 def max_pool2d_backward(xp, dy, argmax, g):
     """``dx`` (N, C, H, W), a view of channels-last memory."""
     dyt, argt = dy.transpose(0, 2, 3, 1), argmax.transpose(0, 2, 3, 1)  # (N, P, Q, C)
-    frame = np.zeros((g.N, g.frame_height, g.frame_width, g.C), dtype=dy.dtype)  # (N, frame_height, frame_width, C)
     disjoint = _windows_disjoint(g)
+    # Windows that tile the whole input write every element below: no zeroing pass.
+    covered = _tiles(g) and (g.P * g.R, g.Q * g.S) == (g.H, g.W)
+    frame = (np.empty if covered else np.zeros)((g.N, g.frame_height, g.frame_width, g.C), dtype=dy.dtype)
 
     def work(lo, hi, slot):  # each thread routes its own samples' gradients
         for k, index in enumerate(_nhwc_taps(g)):
