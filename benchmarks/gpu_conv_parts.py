@@ -6,15 +6,20 @@ For each convolution of lenet and vgg-small at batch 256 (float32, TF32 off,
 activations channels-last as they flow through the networks) it times, with
 CUDA events, the median and min-max of 20 calls after 3 warm-ups:
 
-    im2col          the kernel (kernels/cupy/conv.py), x -> cols (N*P*Q, C*R*S)
+    im2col          the kernel (kernels/cupy/conv.py), x -> cols (N*P*Q, C*R*S), columns (c, r, s)
+    im2col rsc      the channel-fastest kernel the CuPy conv uses on channels-last input, columns (r, s, c)
     fwd GEMM        cols @ w2.T
     dW GEMM         dy2.T @ cols
     db sum          the reference's column sums, xp.sum(dy2, axis=0): CuPy's reduction over the rows
     db GEMV         the CuPy kernel's column sums, ones @ dy2: what conv2d_backward uses on CuPy
     dcols GEMM      dy2 @ w2
     col2im          the gather kernel, dcols -> dx
+    col2im rsc      the gather over channel-fastest columns
     conv2d          the whole forward through ops.conv2d (return_cols; validation and dispatch included)
     backward        the whole ops.conv2d_backward (the forward's columns given; dx too)
+    conv2d crs, backward crs
+                    the same two with CHANNEL_FASTEST_COLUMNS off: the reference column order everywhere
+                    (issue 15's A/B of the column order)
 
 The parts are the kernel functions called with a ConvGeometry, as the
 dispatch calls them; the whole ops are checked to dispatch to the CuPy
@@ -29,6 +34,7 @@ import numpy as np
 
 from portable_cnn import backend, dispatch, ops
 from portable_cnn.geometry import ConvGeometry
+from portable_cnn.kernels.cupy import compile as cupy_compile
 from portable_cnn.kernels.cupy import conv as cupy_conv
 from portable_cnn.kernels.reference import conv as reference_conv
 
@@ -88,21 +94,43 @@ def main() -> None:
         dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (BATCH * P * P, K))  # (N*P*Q, K), a view here
         dcols = dy2 @ w2  # (N*P*Q, C*R*S)
         _, saved = ops.conv2d(x, w, b, return_cols=True, **opts)
+        runner = cupy_compile.cupy_runner()
+        dcols_rsc = cupy_conv.im2col_rsc_on(runner, x, g)  # any values of the right shape
+
+        def reference_order(fn):
+            def run():
+                cupy_conv.CHANNEL_FASTEST_COLUMNS = False
+                try:
+                    return fn()
+                finally:
+                    cupy_conv.CHANNEL_FASTEST_COLUMNS = True
+            return run
+
+        with_crs = reference_order(lambda: ops.conv2d(x, w, b, return_cols=True, **opts))
+        saved_crs = with_crs()[1]
         parts = {
             "im2col": lambda: cupy_conv.im2col(xp, x, g),
+            "im2col rsc": lambda: cupy_conv.im2col_rsc_on(runner, x, g),
             "fwd GEMM": lambda: cols @ w2.T,
             "dW GEMM": lambda: dy2.T @ cols,
             "db sum": lambda: reference_conv.column_sums(xp, dy2),
             "db GEMV": lambda: cupy_conv.column_sums(xp, dy2),
             "dcols GEMM": lambda: dy2 @ w2,
             "col2im": lambda: cupy_conv.col2im(xp, dcols, g),
+            "col2im rsc": lambda: cupy_conv.col2im_rsc_on(runner, dcols_rsc, g),
             "conv2d": lambda: ops.conv2d(x, w, b, return_cols=True, **opts),
             "backward": lambda: ops.conv2d_backward(dy, x, w, cols=saved, **opts),
+            "conv2d crs": with_crs,
+            "backward crs": reference_order(lambda: ops.conv2d_backward(dy, x, w, cols=saved_crs, **opts)),
         }
         timed = {part: _time(cupy, fn) for part, fn in parts.items()}
         np.testing.assert_array_equal(cupy.asnumpy(cols), cupy.asnumpy(reference_conv.im2col(xp, x, g)))
         np.testing.assert_allclose(cupy.asnumpy(cupy_conv.col2im(xp, dcols, g)),
                                    cupy.asnumpy(reference_conv.col2im(xp, dcols, g)), rtol=1e-4, atol=1e-3)
+        rsc = reference_conv.im2col(xp, x, g).reshape(-1, C, RS * RS).transpose(0, 2, 1).reshape(cols.shape)
+        np.testing.assert_array_equal(cupy.asnumpy(cupy_conv.im2col_rsc_on(runner, x, g)), cupy.asnumpy(rsc))
+        np.testing.assert_allclose(cupy.asnumpy(ops.conv2d(x, w, b, **opts)), cupy.asnumpy(with_crs()[0]),
+                                   rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(cupy.asnumpy(cupy_conv.column_sums(xp, dy2)),
                                    cupy.asnumpy(reference_conv.column_sums(xp, dy2)), rtol=1e-4, atol=1e-2)
         print(f"\n{net} {layer}: N*P*Q = {BATCH * P * P}, C*R*S = {C * RS * RS}, K = {K}")

@@ -560,6 +560,45 @@ def draw_conv(rng, dtype):
         return SimpleNamespace(g=g, x=x, cols=cols, label=f"{g}, x {x_layout}, cols {cols_layout}")
 
 
+def draw_grouped_conv(rng, dtype):
+    """A convolution of 1-3 groups, any strides, padding and dilation, for the channel-fastest columns and whole GEMMs.
+
+    ``x`` is channels-last half of the time (the columns in ``(g, r, s, c')``
+    order), else in another layout; ``w``, ``bias`` (or none), ``dy``, and
+    ``cols_rsc``, columns in that order; ``keep`` and ``need_input_grad`` for
+    the forward-backward case.
+    """
+    while True:
+        N, G, Cg, Kg, R, S, u, v = (int(n) for n in rng.integers(1, 4, 8))
+        dh, dw, H, W = (int(n) for n in rng.integers(1, [3, 3, 10, 10]))
+        a, b = (int(n) for n in rng.integers(0, 3, 2))
+        try:
+            g = ConvGeometry.of((N, G * Cg, H, W), (G * Kg, Cg, R, S), (u, v), (a, b), (dh, dw), groups=G)
+        except ValueError:  # the dilated kernel does not fit the padded input: draw again
+            continue
+        x_layout = "last" if rng.random() < 0.5 else _layout(rng)
+        x = laid_out(random_array(rng, g.x_shape, dtype), x_layout)
+        w, dy = random_array(rng, g.w_shape, dtype), laid_out(random_array(rng, g.y_shape, dtype), _layout(rng))
+        bias = random_array(rng, (g.K,), dtype) if rng.random() < 0.7 else None
+        cols_rsc = laid_out(random_array(rng, g.cols_shape, dtype), _layout(rng))
+        keep, need_input_grad = bool(rng.random() < 0.5), bool(rng.random() < 0.8)
+        label = f"{g}, x {x_layout}, bias {bias is not None}, keep {keep}, input grad {need_input_grad}"
+        return SimpleNamespace(g=g, x=x, w=w, bias=bias, dy=dy, cols_rsc=cols_rsc, keep=keep,
+                               need_input_grad=need_input_grad, label=label)
+
+
+def rsc_from_crs(cols, g):
+    """Reference columns ``(c, r, s)`` reordered to ``(g, r, s, c')``, the channel within its group fastest."""
+    rows = cols.shape[0]
+    return np.reshape(np.transpose(np.reshape(cols, (rows, g.G, g.Cg, g.R, g.S)), (0, 1, 3, 4, 2)), (rows, -1))
+
+
+def crs_from_rsc(cols, g):
+    """The inverse of :func:`rsc_from_crs`."""
+    rows = cols.shape[0]
+    return np.reshape(np.transpose(np.reshape(cols, (rows, g.G, g.R, g.S, g.Cg)), (0, 1, 4, 2, 3)), (rows, -1))
+
+
 def draw_depthwise(rng, dtype):
     """A depthwise convolution (``groups == C``, multiplier ``K/C`` of 1 to 3), any strides, padding and dilation.
 
@@ -697,6 +736,25 @@ def _depthwise_backward_reference(p):
     return {"dx": dx, "dw": dw}
 
 
+def _conv_gemm(run, p):
+    """The whole non-depthwise forward and backward bodies: columns kept or not, in the layout x's memory picks."""
+    y, saved = cupy_conv.conv2d_forward_on(run, XP, p.x, p.w, p.bias, p.g, keep_cols=p.keep)
+    assert (saved is not None) == p.keep
+    if saved is not None:
+        assert saved.layout == (cupy_conv.RSC_LAYOUT if cupy_compile.channels_last(p.x) else cupy_conv.COLUMN_LAYOUT)
+    dx, dw, db = cupy_conv.conv2d_backward_on(run, XP, p.dy, p.x, p.w, p.g, saved, has_bias=p.bias is not None,
+                                              need_input_grad=p.need_input_grad)
+    out = {"y": y, "dw": dw, **({"db": db} if p.bias is not None else {})}
+    return {**out, "dx": dx} if p.need_input_grad else out
+
+
+def _conv_gemm_reference(p):
+    y, _ = reference_conv.conv2d_forward(XP, p.x, p.w, p.bias, p.g)
+    dx, dw, db = reference_conv.conv2d_backward(XP, p.dy, p.x, p.w, p.g, has_bias=p.bias is not None)
+    out = {"y": y, "dw": dw, **({"db": db} if p.bias is not None else {})}
+    return {**out, "dx": dx} if p.need_input_grad else out
+
+
 def _max_pool_forward(run, p):
     y, argmax = cupy_pool.max_pool2d_forward_on(run, p.x, p.g)
     return {"y": y, "argmax": argmax}
@@ -751,6 +809,16 @@ CASES = {
         ("col2im",), draw_conv,
         lambda run, p: {"dx": cupy_conv.col2im_on(run, p.cols, p.g)},
         lambda p: {"dx": reference_conv.col2im(XP, p.cols, p.g)}),
+    "im2col_rsc": Case(
+        ("im2col_rsc",), draw_grouped_conv,
+        lambda run, p: {"cols": cupy_conv.im2col_rsc_on(run, p.x, p.g)},
+        lambda p: {"cols": rsc_from_crs(reference_conv.im2col(XP, p.x, p.g), p.g)}, exact=("cols",)),
+    "col2im_rsc": Case(
+        ("col2im_rsc",), draw_grouped_conv,
+        lambda run, p: {"dx": cupy_conv.col2im_rsc_on(run, p.cols_rsc, p.g)},
+        lambda p: {"dx": reference_conv.col2im(XP, crs_from_rsc(p.cols_rsc, p.g), p.g)}),
+    "conv2d_gemm": Case(
+        ("im2col", "col2im", "im2col_rsc", "col2im_rsc"), draw_grouped_conv, _conv_gemm, _conv_gemm_reference),
     "depthwise_conv2d_forward": Case(
         ("depthwise_conv2d_forward",), draw_depthwise,
         lambda run, p: {"y": cupy_conv.depthwise_forward_on(run, p.x, p.w, p.bias, p.g)},

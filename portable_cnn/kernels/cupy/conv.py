@@ -1,13 +1,24 @@
 """CuPy convolution: the reference's GEMMs (cuBLAS through CuPy) with im2col and col2im as single CUDA kernels.
 
-Column layout ``"cupy"``: the reference layout, ``(N*P*Q, C*R*S)`` with
-columns ``(c, r, s)``, written by one kernel (``cuda/conv.cu``) from an
-input read through its strides (a channels-last view needs no copy). col2im
+Two column layouts, chosen by the input's memory:
+
+* ``"cupy"`` for an input whose channels are not its fastest axis (the
+  first layer's NCHW images): the reference layout, ``(N*P*Q, C*R*S)`` with
+  columns ``(c, r, s)``.
+* ``"cupy-rsc"`` for channels-last input (every activation our layers
+  pass on): columns ``(g, r, s, c')``, the channel within its group fastest
+  (``(r, s, c)`` for one group), so the threads of a warp read
+  neighbouring channels, neighbouring addresses, in im2col, and neighbouring
+  columns in col2im; the weight is reordered to match (issue 15).
+
+Each is written by one kernel (``cuda/conv.cu``) from an input read through
+its strides (a channels-last view needs no copy). col2im
 is a gather, one thread per input element ``(n, h, w, c)`` summing the
 entries that read it: no atomics, so the result is deterministic and adds
 in the reference's tap order; it returns an ``(N, C, H, W)`` view of
-channels-last memory. Each kernel's work is a function of a
-:class:`~.compile.KernelRunner` (``im2col_on``, ``col2im_on``), which
+channels-last memory. Each kernel's work, and the whole forward and
+backward, is a function of a :class:`~.compile.KernelRunner`
+(``im2col_on``, ``col2im_on``, ``conv2d_forward_on``, ...), which
 tests/test_cuda_kernels.py also runs on the CPU. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
 ``sum(axis=0)`` of vgg-small's (262144, 32) output gradients took about
 4 ms per layer on an H200, the GEMV 0.04 ms (docs/benchmarks.md).
@@ -26,15 +37,22 @@ numbers on every run.
 from __future__ import annotations
 
 from ..reference import conv as reference
-from .compile import cupy_runner, nchw_output, strides
+from .compile import channels_last, cupy_runner, nchw_output, strides
 from .memory import out_of_memory_explained
 
 __all__ = [
-    "COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "im2col_on", "col2im_on",
-    "depthwise_forward_on", "depthwise_backward_on",
+    "COLUMN_LAYOUT", "RSC_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "im2col_on", "col2im_on",
+    "im2col_rsc_on", "col2im_rsc_on", "conv2d_forward_on", "conv2d_backward_on", "depthwise_forward_on",
+    "depthwise_backward_on",
 ]
 
 COLUMN_LAYOUT = "cupy"
+RSC_LAYOUT = "cupy-rsc"
+#: Channel-fastest columns over channels-last input. Checked for its numbers
+#: on the CPU (tests/test_cuda_kernels.py), not yet timed on a GPU:
+#: benchmarks/gpu_conv_parts.py times both orders, the whole ops too, by
+#: switching this (docs/benchmarks.md, issue 15).
+CHANNEL_FASTEST_COLUMNS = True
 # The depthwise weight gradient's first pass runs one thread per (chunk, tap,
 # output channel): about this many threads fill a large GPU (an H200 keeps
 # ~270K resident), and each sums at least _MIN_CHUNK positions, so the
@@ -72,6 +90,45 @@ def col2im_on(run, cols, g):
     dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, cols.dtype, last=True)
     run.launch("col2im", cols.dtype, flat.size, (cols, flat), _geometry_ints(g))
     return dx
+
+
+def im2col_rsc_on(run, x, g):
+    """``(N, C, H, W)`` to ``(N*P*Q, G*R*S*C/G)``, columns ``(g, r, s, c')``, on the runner ``run``."""
+    cols = run.lib.empty(g.cols_shape, dtype=x.dtype)  # (N*P*Q, C*R*S)
+    run.launch("im2col_rsc", x.dtype, cols.size, (x, cols), (*_geometry_ints(g), g.Cg), strides(x))
+    return cols
+
+
+def col2im_rsc_on(run, cols, g):
+    """Columns ``(g, r, s, c')`` back onto ``(N, C, H, W)`` (a channels-last view) by the gather, on ``run``."""
+    cols = run.lib.ascontiguousarray(cols)  # the kernel indexes rows directly; a no-op for a GEMM result
+    dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, cols.dtype, last=True)
+    run.launch("col2im_rsc", cols.dtype, flat.size, (cols, flat), (*_geometry_ints(g), g.Cg))
+    return dx
+
+
+def _columns(run, x):
+    """``(layout, order, unfold, fold)`` for input ``x``: channel-fastest columns over channels-last memory."""
+    if CHANNEL_FASTEST_COLUMNS and channels_last(x):
+        return (RSC_LAYOUT, "rsc", lambda xp, a, g: im2col_rsc_on(run, a, g),
+                lambda xp, cols, g: col2im_rsc_on(run, cols, g))
+    return (COLUMN_LAYOUT, "crs", lambda xp, a, g: im2col_on(run, a, g), lambda xp, cols, g: col2im_on(run, cols, g))
+
+
+def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False):
+    """The non-depthwise forward on ``run``: im2col in the layout :func:`_columns` picks, then the reference's GEMM."""
+    layout, order, unfold, _ = _columns(run, x)
+    return reference.gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=unfold, layout=layout,
+                                  order=order)
+
+
+def conv2d_backward_on(run, xp, dy, x, weight, g, saved=None, has_bias=True, need_input_grad=True):
+    """The non-depthwise backward on ``run``: the forward's columns where ``saved`` holds them in its layout."""
+    layout, order, unfold, fold = _columns(run, x)
+    cols = saved.cols if saved is not None and saved.layout == layout else None
+    return reference.gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias,
+                                   need_input_grad=need_input_grad, unfold=unfold, fold=fold, sums=column_sums,
+                                   order=order)
 
 
 def column_sums(xp, a):
@@ -131,18 +188,18 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
         if g.depthwise:
             with x.device:
                 return depthwise_forward_on(cupy_runner(), x, weight, bias, g), None
-        return reference.gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=im2col, layout=COLUMN_LAYOUT)
+        with x.device:
+            return conv2d_forward_on(cupy_runner(), xp, x, weight, bias, g, keep_cols)
 
 
 def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
                     where="conv2d"):
     """Backward as the reference's, with the im2col and col2im kernels and the GEMV bias gradient, or depthwise."""
-    cols = saved.cols if saved is not None and saved.layout == COLUMN_LAYOUT else None
     with out_of_memory_explained(where, "backward", x):
         if g.depthwise and dy.dtype == x.dtype:  # the CUDA templates have one T
             with x.device:
                 dx, dweight = depthwise_backward_on(cupy_runner(), dy, x, weight, g, need_input_grad)
                 dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
                 return dx, dweight, column_sums(xp, dy2) if has_bias else None
-        return reference.gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias,
-                                       need_input_grad=need_input_grad, unfold=im2col, fold=col2im, sums=column_sums)
+        with x.device:
+            return conv2d_backward_on(cupy_runner(), xp, dy, x, weight, g, saved, has_bias, need_input_grad)

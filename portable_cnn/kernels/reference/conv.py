@@ -81,10 +81,24 @@ def _ungroup(xp, a):
     return xp.reshape(xp.permute_dims(a, (1, 0, 2)), (rows, G * m))  # (rows, G, m) -> (rows, G*m)
 
 
-def _weight_by_group(xp, weight, g):
-    """``(K, C/G, R, S)`` as ``(G, K/G, C/G*R*S)``, or ``W2 = (K, C*R*S)`` with one group."""
+def _weight_by_group(xp, weight, g, order="crs"):
+    """``(K, C/G, R, S)`` as ``(G, K/G, C/G*R*S)``, or ``W2 = (K, C*R*S)`` with one group.
+
+    ``order``: the order of a group's columns, ``"crs"`` (the reference's
+    im2col) or ``"rsc"`` (channel fastest, the CuPy kernels' over
+    channels-last input).
+    """
+    if order == "rsc":
+        weight = xp.permute_dims(weight, (0, 2, 3, 1))  # (K, R, S, C/G)
     shape = (g.K, g.Cg * g.R * g.S) if g.G == 1 else (g.G, g.Kg, g.Cg * g.R * g.S)
     return xp.reshape(weight, shape)
+
+
+def _weight_from_groups(xp, dw3, g, order="crs"):
+    """The inverse of :func:`_weight_by_group`: ``(G, K/G, C/G*R*S)`` (or ``(K, C*R*S)``) to ``(K, C/G, R, S)``."""
+    if order == "rsc":
+        return xp.permute_dims(xp.reshape(dw3, (g.K, g.R, g.S, g.Cg)), (0, 3, 1, 2))  # (K, R, S, C/G) -> (K, C/G, R, S)
+    return xp.reshape(dw3, g.w_shape)
 
 
 def _samples_per_slice(xp, x, g) -> int:
@@ -92,18 +106,21 @@ def _samples_per_slice(xp, x, g) -> int:
     return g.samples_per_slice(itemsize, setting("workspace_mb") * 2**20)
 
 
-def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout):
-    """The forward GEMM with ``unfold`` as im2col; returns ``(y, ConvColumns or None)``."""
+def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout, order="crs"):
+    """The forward GEMM with ``unfold`` as im2col; returns ``(y, ConvColumns or None)``.
+
+    ``order``: the column order ``unfold`` writes within a group (see :func:`_weight_by_group`).
+    """
     n = _samples_per_slice(xp, x, g)
     if n < g.N:
         parts = [
             gemm_forward(xp, x[i : i + n, ...], weight, bias, g.with_batch(min(n, g.N - i)), keep_cols=False,
-                         unfold=unfold, layout=layout)[0]
+                         unfold=unfold, layout=layout, order=order)[0]
             for i in range(0, g.N, n)
         ]
         return xp.concat(parts, axis=0), None  # (N, K, P, Q); the backward unfolds its slices again
     cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
-    w3 = _weight_by_group(xp, weight, g)  # (G, K/G, C/G*R*S)
+    w3 = _weight_by_group(xp, weight, g, order)  # (G, K/G, C/G*R*S)
     y = _ungroup(xp, _by_group(xp, cols, g.G) @ xp.matrix_transpose(w3))  # (G, N*P*Q, K/G) -> (N*P*Q, K)
     if bias is not None:
         y = y + bias
@@ -111,33 +128,36 @@ def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout):
     return y, (ConvColumns(layout, cols) if keep_cols else None)
 
 
-def gemm_backward(xp, dy, x, weight, g, *, cols, has_bias, need_input_grad, unfold, fold, sums):
-    """The two transposed GEMMs; ``cols`` the forward's columns or None; returns ``(dx, dW, db)``."""
+def gemm_backward(xp, dy, x, weight, g, *, cols, has_bias, need_input_grad, unfold, fold, sums, order="crs"):
+    """The two transposed GEMMs; ``cols`` the forward's columns or None; returns ``(dx, dW, db)``.
+
+    ``order``: the column order of ``unfold``, ``fold`` and ``cols`` within a group (see :func:`_weight_by_group`).
+    """
     if cols is None:
         n = _samples_per_slice(xp, x, g)
         if n < g.N:
-            return _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums)
+            return _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums, order)
         cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
     dy3 = _by_group(xp, dy2, g.G)  # (G, N*P*Q, K/G)
     dw3 = xp.matrix_transpose(dy3) @ _by_group(xp, cols, g.G)  # (G, K/G, C/G*R*S)
-    dweight = xp.reshape(dw3, g.w_shape)  # (K, C/G, R, S)
+    dweight = _weight_from_groups(xp, dw3, g, order)  # (K, C/G, R, S)
     dbias = sums(xp, dy2) if has_bias else None  # (K,)
     if not need_input_grad:
         return None, dweight, dbias
-    dcols = _ungroup(xp, dy3 @ _weight_by_group(xp, weight, g))  # (G, N*P*Q, C/G*R*S) -> (N*P*Q, C*R*S)
+    dcols = _ungroup(xp, dy3 @ _weight_by_group(xp, weight, g, order))  # (G, N*P*Q, C/G*R*S) -> (N*P*Q, C*R*S)
     dx = fold(xp, dcols, g)  # (N, C, H, W)
     return dx, dweight, dbias
 
 
-def _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums):
+def _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold, fold, sums, order):
     """:func:`gemm_backward` over slices of ``n`` samples: input gradients concatenated, the others added."""
     dx_parts, dweight, dbias = [], None, None
     for i in range(0, g.N, n):
         gi = g.with_batch(min(n, g.N - i))
         dx_i, dw_i, db_i = gemm_backward(xp, dy[i : i + n, ...], x[i : i + n, ...], weight, gi, cols=None,
                                          has_bias=has_bias, need_input_grad=need_input_grad, unfold=unfold,
-                                         fold=fold, sums=sums)
+                                         fold=fold, sums=sums, order=order)
         dx_parts.append(dx_i)
         dweight = dw_i if dweight is None else dweight + dw_i
         dbias = db_i if dbias is None else dbias + db_i
