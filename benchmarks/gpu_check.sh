@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # the step functions run through run_step (timeout bash -c)
 # The GPU check (issue 5): on a bare GPU machine with no network, from the
-# repository root, in about 14 minutes:
+# repository root, in at most 8 minutes (GPU_CHECK_BUDGET):
 #
 #   1. install the carried wheels (.whl/, see benchmarks/gpu_wheels.txt) into
 #      /tmp/site, and the project itself without network into /tmp/portable-cnn
