@@ -7,7 +7,8 @@ activations channels-last as they flow through the networks) it times, with
 CUDA events, the median and min-max of 20 calls after 3 warm-ups:
 
     im2col          the kernel (kernels/cupy/conv.py), x -> cols (N*P*Q, C*R*S), columns (c, r, s)
-    im2col rsc      the channel-fastest kernel the CuPy conv uses on channels-last input, columns (r, s, c)
+    im2col rsc      the same kernel in the channel-fastest order the CuPy conv uses on channels-last input,
+                    columns (r, s, c)
     fwd GEMM        cols @ w2.T
     dW GEMM         dy2.T @ cols
     db sum          the reference's column sums, xp.sum(dy2, axis=0): CuPy's reduction over the rows
@@ -95,7 +96,7 @@ def main() -> None:
         dcols = dy2 @ w2  # (N*P*Q, C*R*S)
         _, saved = ops.conv2d(x, w, b, return_cols=True, **opts)
         runner = cupy_compile.cupy_runner()
-        dcols_rsc = cupy_conv.im2col_rsc_on(runner, x, g)  # any values of the right shape
+        dcols_rsc = cupy_conv.im2col_on(runner, x, g, "rsc")  # any values of the right shape
 
         def reference_order(fn):
             def run():
@@ -110,14 +111,14 @@ def main() -> None:
         saved_crs = with_crs()[1]
         parts = {
             "im2col": lambda: cupy_conv.im2col(xp, x, g),
-            "im2col rsc": lambda: cupy_conv.im2col_rsc_on(runner, x, g),
+            "im2col rsc": lambda: cupy_conv.im2col_on(runner, x, g, "rsc"),
             "fwd GEMM": lambda: cols @ w2.T,
             "dW GEMM": lambda: dy2.T @ cols,
             "db sum": lambda: reference_conv.column_sums(xp, dy2),
             "db GEMV": lambda: cupy_conv.column_sums(xp, dy2),
             "dcols GEMM": lambda: dy2 @ w2,
             "col2im": lambda: cupy_conv.col2im(xp, dcols, g),
-            "col2im rsc": lambda: cupy_conv.col2im_rsc_on(runner, dcols_rsc, g),
+            "col2im rsc": lambda: cupy_conv.col2im_on(runner, dcols_rsc, g, "rsc"),
             "conv2d": lambda: ops.conv2d(x, w, b, return_cols=True, **opts),
             "backward": lambda: ops.conv2d_backward(dy, x, w, cols=saved, **opts),
             "conv2d crs": with_crs,
@@ -128,7 +129,7 @@ def main() -> None:
         np.testing.assert_allclose(cupy.asnumpy(cupy_conv.col2im(xp, dcols, g)),
                                    cupy.asnumpy(reference_conv.col2im(xp, dcols, g)), rtol=1e-4, atol=1e-3)
         rsc = reference_conv.im2col(xp, x, g).reshape(-1, C, RS * RS).transpose(0, 2, 1).reshape(cols.shape)
-        np.testing.assert_array_equal(cupy.asnumpy(cupy_conv.im2col_rsc_on(runner, x, g)), cupy.asnumpy(rsc))
+        np.testing.assert_array_equal(cupy.asnumpy(cupy_conv.im2col_on(runner, x, g, "rsc")), cupy.asnumpy(rsc))
         np.testing.assert_allclose(cupy.asnumpy(ops.conv2d(x, w, b, **opts)), cupy.asnumpy(with_crs()[0]),
                                    rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(cupy.asnumpy(cupy_conv.column_sums(xp, dy2)),

@@ -65,8 +65,8 @@ TR, CK, G = "tests/test_train.py", "tests/test_checkpoint.py", "tests/test_gpu.p
 MUTANTS = (
     # ------------------------------------------------------------------ CUDA kernels and their Python launchers
     Mutant("col2im_kernel_stride", "portable_cnn/kernels/cupy/cuda/conv.cu",
-           "const T* base = cols + (long long)c * R * S;", "const T* base = cols + (long long)c * S;", (K,),
-           "CUDA col2im: a channel's columns at c*S instead of c*R*S"),
+           "const T* base = cols + (long long)g * R * S * Cg", "const T* base = cols + (long long)g * S * Cg", (K,),
+           "CUDA col2im: a run's columns at g*S*Cg instead of g*R*S*Cg"),
     Mutant("cupy_conv_v_u_swapped", "portable_cnn/kernels/cupy/conv.py",
            "return (g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.u, g.v, g.a, g.b, g.dh, g.dw)",
            "return (g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.v, g.u, g.a, g.b, g.dh, g.dw)", (K,),

@@ -810,15 +810,15 @@ CASES = {
         lambda run, p: {"dx": cupy_conv.col2im_on(run, p.cols, p.g)},
         lambda p: {"dx": reference_conv.col2im(XP, p.cols, p.g)}),
     "im2col_rsc": Case(
-        ("im2col_rsc",), draw_grouped_conv,
-        lambda run, p: {"cols": cupy_conv.im2col_rsc_on(run, p.x, p.g)},
+        ("im2col",), draw_grouped_conv,
+        lambda run, p: {"cols": cupy_conv.im2col_on(run, p.x, p.g, "rsc")},
         lambda p: {"cols": rsc_from_crs(reference_conv.im2col(XP, p.x, p.g), p.g)}, exact=("cols",)),
     "col2im_rsc": Case(
-        ("col2im_rsc",), draw_grouped_conv,
-        lambda run, p: {"dx": cupy_conv.col2im_rsc_on(run, p.cols_rsc, p.g)},
+        ("col2im",), draw_grouped_conv,
+        lambda run, p: {"dx": cupy_conv.col2im_on(run, p.cols_rsc, p.g, "rsc")},
         lambda p: {"dx": reference_conv.col2im(XP, crs_from_rsc(p.cols_rsc, p.g), p.g)}),
     "conv2d_gemm": Case(
-        ("im2col", "col2im", "im2col_rsc", "col2im_rsc"), draw_grouped_conv, _conv_gemm, _conv_gemm_reference),
+        ("im2col", "col2im"), draw_grouped_conv, _conv_gemm, _conv_gemm_reference),
     "depthwise_conv2d_forward": Case(
         ("depthwise_conv2d_forward",), draw_depthwise,
         lambda run, p: {"y": cupy_conv.depthwise_forward_on(run, p.x, p.w, p.bias, p.g)},
@@ -934,9 +934,9 @@ def test_the_cpu_kernels_check_argument_types(cpu_kernels):
     g = ConvGeometry.of((1, 2, 4, 4), (1, 2, 2, 2), 1, 0, 1)
     x, cols = np.ones(g.x_shape), np.empty(g.cols_shape)
     index_type, args = cupy_compile.kernel_arguments(cols.size, (x, cols), (g.C, g.H, g.W, g.R, g.S, g.P, g.Q, g.u,
-                                                                            g.v, g.a, g.b, g.dh, g.dw),
+                                                                            g.v, g.a, g.b, g.dh, g.dw, 1),
                                                      tuple(np.int32(s) for s in (32, 16, 4, 1)))
-    with pytest.raises(AssertionError, match=r"argument 16: the kernel reads a 8-byte integer, the launch passed a 4-byte"):
+    with pytest.raises(AssertionError, match=r"argument 17: the kernel reads a 8-byte integer, the launch passed a 4-byte"):
         cpu_kernels.call(f"im2col<double, {index_type}>", args)
-    with pytest.raises(AssertionError, match="takes 20 arguments, the launcher passed 19"):
+    with pytest.raises(AssertionError, match="takes 21 arguments, the launcher passed 20"):
         cpu_kernels.call(f"im2col<double, {index_type}>", args[:-1])

@@ -33,7 +33,7 @@ __all__ = [
 
 #: source file -> the kernel templates it defines
 SOURCES = {
-    "conv.cu": ("im2col", "col2im", "im2col_rsc", "col2im_rsc"),
+    "conv.cu": ("im2col", "col2im"),
     "depthwise.cu": ("depthwise_conv2d_forward", "depthwise_conv2d_backward_input", "depthwise_conv2d_weight_partial",
                      "depthwise_conv2d_weight_sum"),
     "pool.cu": ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",

@@ -11,8 +11,9 @@ Two column layouts, chosen by the input's memory:
   neighbouring channels, neighbouring addresses, in im2col, and neighbouring
   columns in col2im; the weight is reordered to match (issue 15).
 
-Each is written by one kernel (``cuda/conv.cu``) from an input read through
-its strides (a channels-last view needs no copy). col2im
+Both are written by one kernel (``cuda/conv.cu``, the order set by its run
+width ``Cg``) from an input read through its strides (a channels-last view
+needs no copy), and gathered back by another. col2im
 is a gather, one thread per input element ``(n, h, w, c)`` summing the
 entries that read it: no atomics, so the result is deterministic and adds
 in the reference's tap order; it returns an ``(N, C, H, W)`` view of
@@ -42,8 +43,7 @@ from .memory import out_of_memory_explained
 
 __all__ = [
     "COLUMN_LAYOUT", "RSC_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "im2col_on", "col2im_on",
-    "im2col_rsc_on", "col2im_rsc_on", "conv2d_forward_on", "conv2d_backward_on", "depthwise_forward_on",
-    "depthwise_backward_on",
+    "conv2d_forward_on", "conv2d_backward_on", "depthwise_forward_on", "depthwise_backward_on",
 ]
 
 COLUMN_LAYOUT = "cupy"
@@ -71,10 +71,10 @@ def im2col(xp, x, g):
         return im2col_on(cupy_runner(), x, g)
 
 
-def im2col_on(run, x, g):
-    """:func:`im2col` on the :class:`~.compile.KernelRunner` ``run``."""
+def im2col_on(run, x, g, order="crs"):
+    """:func:`im2col` on the :class:`~.compile.KernelRunner` ``run``; ``order="rsc"``: columns ``(g, r, s, c')``."""
     cols = run.lib.empty(g.cols_shape, dtype=x.dtype)  # (N*P*Q, C*R*S)
-    run.launch("im2col", x.dtype, cols.size, (x, cols), _geometry_ints(g), strides(x))
+    run.launch("im2col", x.dtype, cols.size, (x, cols), (*_geometry_ints(g), _run_width(g, order)), strides(x))
     return cols
 
 
@@ -84,35 +84,24 @@ def col2im(xp, cols, g):
         return col2im_on(cupy_runner(), cols, g)
 
 
-def col2im_on(run, cols, g):
-    """:func:`col2im` on the :class:`~.compile.KernelRunner` ``run``."""
+def col2im_on(run, cols, g, order="crs"):
+    """:func:`col2im` on the :class:`~.compile.KernelRunner` ``run``; ``order`` as for :func:`im2col_on`."""
     cols = run.lib.ascontiguousarray(cols)  # the kernel indexes rows directly; a no-op for a GEMM result
     dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, cols.dtype, last=True)
-    run.launch("col2im", cols.dtype, flat.size, (cols, flat), _geometry_ints(g))
+    run.launch("col2im", cols.dtype, flat.size, (cols, flat), (*_geometry_ints(g), _run_width(g, order)))
     return dx
 
 
-def im2col_rsc_on(run, x, g):
-    """``(N, C, H, W)`` to ``(N*P*Q, G*R*S*C/G)``, columns ``(g, r, s, c')``, on the runner ``run``."""
-    cols = run.lib.empty(g.cols_shape, dtype=x.dtype)  # (N*P*Q, C*R*S)
-    run.launch("im2col_rsc", x.dtype, cols.size, (x, cols), (*_geometry_ints(g), g.Cg), strides(x))
-    return cols
-
-
-def col2im_rsc_on(run, cols, g):
-    """Columns ``(g, r, s, c')`` back onto ``(N, C, H, W)`` (a channels-last view) by the gather, on ``run``."""
-    cols = run.lib.ascontiguousarray(cols)  # the kernel indexes rows directly; a no-op for a GEMM result
-    dx, flat = nchw_output(run.lib, g.N, g.C, g.H, g.W, cols.dtype, last=True)
-    run.launch("col2im_rsc", cols.dtype, flat.size, (cols, flat), (*_geometry_ints(g), g.Cg))
-    return dx
+def _run_width(g, order):
+    """The kernels' ``Cg``: channels per run of channel-fastest columns; 1 gives the reference's ``(c, r, s)``."""
+    return g.Cg if order == "rsc" else 1
 
 
 def _columns(run, x):
     """``(layout, order, unfold, fold)`` for input ``x``: channel-fastest columns over channels-last memory."""
-    if CHANNEL_FASTEST_COLUMNS and channels_last(x):
-        return (RSC_LAYOUT, "rsc", lambda xp, a, g: im2col_rsc_on(run, a, g),
-                lambda xp, cols, g: col2im_rsc_on(run, cols, g))
-    return (COLUMN_LAYOUT, "crs", lambda xp, a, g: im2col_on(run, a, g), lambda xp, cols, g: col2im_on(run, cols, g))
+    layout, order = (RSC_LAYOUT, "rsc") if CHANNEL_FASTEST_COLUMNS and channels_last(x) else (COLUMN_LAYOUT, "crs")
+    return (layout, order, lambda xp, a, g: im2col_on(run, a, g, order),
+            lambda xp, cols, g: col2im_on(run, cols, g, order))
 
 
 def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False):
