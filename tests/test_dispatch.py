@@ -191,7 +191,7 @@ def _assert_parity(fast, slow):
 OP_CASES = {
     "conv2d": lambda rng: _conv_case(rng, (3, 4, 9, 8), (5, 4, 3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
     "conv2d one channel": lambda rng: _conv_case(rng, (4, 1, 12, 12), (6, 1, 5, 5), stride=1, padding=2, dilation=1),
-    # 4900 rows a sample: the weight gradient in two slices of rows (kernels/numpy/conv.py, _TAPS_FIRST_DW_ROWS)
+    # 4900 rows a sample: the products in two slices of rows (kernels/numpy/conv.py, _TAPS_FIRST_ROWS)
     "conv2d one channel, over 4096 rows": lambda rng: _conv_case(rng, (2, 1, 70, 70), (3, 1, 3, 3), stride=1,
                                                                  padding=1, dilation=1),
     "conv2d stride 1 as convolution": lambda rng: _conv_case(rng, (2, 8, 7, 7), (4, 8, 3, 3), stride=1, padding=1, dilation=1),

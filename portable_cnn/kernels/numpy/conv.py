@@ -51,13 +51,14 @@ _BLOCK_BYTES = 4 << 20  # one block's im2col matrix; 1-8 MB measured alike here
 # the forward for the backward (lenet's: 10 and 8 MB) instead of unfolding
 # twice; larger ones (vgg-small's: up to 150 MB) recompute blocks in cache.
 _KEEP_BYTES = 16 << 20
-# With one input channel the weight gradient is a (K, rows) @ (rows, R*S)
-# product whose right matrix is the transpose of a taps-first buffer (R*S
-# rows, each a long run): OpenBLAS takes it 2.5x faster in slices of at most
-# this many rows (lenet's first layer, 1 thread: 0.45 against 1.13 ms per
-# 64 samples; 8192 rows and more as slow as one product). docs/benchmarks.md,
-# "Issue 15, first step".
-_TAPS_FIRST_DW_ROWS = 4096
+# With one input channel both products read the transpose of a taps-first
+# buffer (R*S rows, each a long run): the weight gradient's (K, rows) @
+# (rows, R*S) and the forward's (rows, R*S) @ (R*S, K). OpenBLAS takes them
+# faster in slices of at most this many rows (lenet's first layer, 1 thread:
+# the weight gradient 0.45 against 1.13 ms per 64 samples, the forward's
+# product 0.55 against 0.92 ms per 128; 8192 rows and more as slow as one
+# product). docs/benchmarks.md, "Issue 15, first step" and "third step".
+_TAPS_FIRST_ROWS = 4096
 # For the thread pool's size threshold (FLOPs): unfolding one byte of im2col
 # matrix takes about as long as 10 GEMM FLOPs (copies at ~10 GB/s, GEMMs at
 # ~100 GFLOP/s a core), so a layer that unfolds is worth more threads than its
@@ -203,7 +204,13 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             out = y[i:j].reshape((j - i) * P * Q, K)  # (rows, K)
-            np.matmul(_by_group(unfold(i, j), G), w3t, out=_by_group(out, G))  # (G, rows, K/G)
+            cols_block = unfold(i, j)  # (rows, G*R*S*C/G)
+            if unfold.taps_first:  # G = C = 1: slices of rows (see _TAPS_FIRST_ROWS)
+                for k in range(0, out.shape[0], _TAPS_FIRST_ROWS):
+                    part = slice(k, k + _TAPS_FIRST_ROWS)
+                    np.matmul(cols_block[part], w3t[0], out=out[part])  # (rows, K)
+            else:
+                np.matmul(_by_group(cols_block, G), w3t, out=_by_group(out, G))  # (G, rows, K/G)
             if bias_row is not None:
                 y_rows = y[i:j].reshape((j - i) * P, Q * K)  # (rows/Q, Q*K)
                 y_rows += bias_row
@@ -273,9 +280,9 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
             dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
             dy3 = _by_group(dy2, G)  # (G, rows, K/G)
             cols_block = unfold(i, j)  # (rows, G*R*S*C/G)
-            if unfold.taps_first:  # G = C = 1: slices of rows (see _TAPS_FIRST_DW_ROWS)
-                for k in range(0, rows, _TAPS_FIRST_DW_ROWS):
-                    part = slice(k, k + _TAPS_FIRST_DW_ROWS)
+            if unfold.taps_first:  # G = C = 1: slices of rows (see _TAPS_FIRST_ROWS)
+                for k in range(0, rows, _TAPS_FIRST_ROWS):
+                    part = slice(k, k + _TAPS_FIRST_ROWS)
                     dw3[0] += dy2[part].T @ cols_block[part]  # (K, R*S)
             else:
                 dw3 += dy3.transpose(0, 2, 1) @ _by_group(cols_block, G)  # (G, K/G, R*S*C/G)
