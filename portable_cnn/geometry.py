@@ -425,7 +425,7 @@ class AdaptivePoolGeometry:
         return (self.N, self.C, self.P, self.Q)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConvColumns:
     """What a convolution forward keeps for its backward: the unfolded input in one kernel's layout.
 
@@ -438,4 +438,17 @@ class ConvColumns:
 
     layout: str
     cols: object = None
+
+    def take(self, layout: str):
+        """``cols`` if written in ``layout`` (else None), handed over: this object no longer holds them.
+
+        A backward that takes the columns holds their only reference, so it
+        can let them go once the weight gradient is computed and the input
+        gradient's columns, as large, take their place in memory. A later
+        backward given this object unfolds ``x`` again.
+        """
+        if self.layout != layout:
+            return None
+        cols, self.cols = self.cols, None
+        return cols
 

@@ -376,6 +376,10 @@ class Conv2d(Module):
 
     def backward(self, dy, need_input_grad=True):
         x, cols = self._saved("_cache")
+        # The columns serve this backward only. Dropping them here frees each layer's (on CuPy, device memory)
+        # as soon as its backward has run, rather than at the next forward, which would otherwise hold two
+        # sets at once; x stays, so a second backward unfolds it again.
+        self._cache = (x, None)
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation, self.groups,
             cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,

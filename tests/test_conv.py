@@ -734,3 +734,30 @@ def test_conv2d_batch_slices_on_backends_without_kernels_match_one_gemm(name, mo
     assert unfolded == [1] * 10
     for key in whole:
         np.testing.assert_allclose(sliced[key], whole[key], err_msg=key, **tol("float64"))
+
+
+def test_a_backward_takes_the_kept_columns_and_frees_them_before_the_input_gradients():
+    """Memory: the reference backward (the CuPy one runs the same GEMM code) lets the forward's columns go after dW."""
+    import weakref
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    g = ConvGeometry.of(x.shape, w.shape, 1, 1, 1)
+    dy = rng.standard_normal(g.y_shape)
+    _, saved = reference_conv.conv2d_forward(np, x, w, None, g, keep_cols=True)
+    columns = weakref.ref(saved.cols)
+    alive_at_fold = []
+
+    def fold(xp, dcols, g):  # runs once dcols exists
+        alive_at_fold.append(columns() is not None)
+        return reference_conv.col2im(xp, dcols, g)
+
+    got = reference_conv.gemm_backward(np, dy, x, w, g, cols=saved.take(reference_conv.COLUMN_LAYOUT),
+                                       has_bias=False, need_input_grad=True, unfold=reference_conv.im2col,
+                                       fold=fold, sums=reference_conv.column_sums)
+    assert alive_at_fold == [False] and saved.cols is None
+    # Given the emptied ConvColumns again, the backward unfolds x again: the same gradients.
+    again = reference_conv.conv2d_backward(np, dy, x, w, g, saved=saved, has_bias=False)
+    for a, b in zip(got[:2], again[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert saved.take("another layout") is None

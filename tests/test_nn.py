@@ -133,6 +133,22 @@ def test_eval_mode_backward_equals_train_mode(backend):
         np.testing.assert_allclose(g_eval[name], g_train[name], **tol("float64"), err_msg=name)
 
 
+def test_conv_backward_drops_its_columns_and_a_second_backward_agrees(backend):
+    """Training keeps the im2col matrix for one backward only; a second backward unfolds x again and agrees."""
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(backend.xp, "float64")
+    x = backend.asarray(model_input())
+    y = conv.forward(x)
+    dy = backend.asarray(np.random.default_rng(3).standard_normal(tuple(y.shape)))
+    kept = conv._cache[1]
+    dx1 = B.to_numpy(conv.backward(dy))
+    dw1 = B.to_numpy(conv.grads["weight"])
+    assert conv._cache[0] is x and conv._cache[1] is None
+    dx2 = B.to_numpy(conv.backward(dy))
+    np.testing.assert_allclose(dx2, dx1, **tol("float64"))
+    np.testing.assert_allclose(B.to_numpy(conv.grads["weight"]), dw1, **tol("float64"))
+    assert kept is not None  # the first backward had the forward's columns to drop
+
+
 def test_train_and_eval_switch_every_layer():
     model = make_model()
     assert model.eval() is model

@@ -55,7 +55,9 @@ def conv_flops(weight_shape, y_shape) -> int:
 
 def _weights_fraction(layer, y_shape, clock) -> float:
     """The share of the weight gradient in a conv layer's full backward, from direct calls of the op."""
-    x, saved = layer._cache  # the last forward's input and what it saved for the backward
+    x = layer._cache[0]  # the last forward's input
+    layer.forward(x)  # again: the step's backward dropped the columns it kept
+    saved = layer._cache[1]
     # The hook sees only call(), not the dy inside it; any array of dy's shape, dtype and device
     # runs the same GEMMs in the same time.
     xp = backend.namespace(x)

@@ -206,7 +206,11 @@ def conv2d_backward(
         As given to the forward.
     cols : ConvColumns, optional
         What the forward returned with ``return_cols``; the input is unfolded
-        again when omitted or written by another kernel.
+        again when omitted or written by another kernel. The reference and
+        CuPy backwards take the columns out of it
+        (:meth:`~portable_cnn.geometry.ConvColumns.take`) and free them before
+        the input gradient's columns are allocated; given it again, they
+        unfold the input again.
     has_bias : bool
         Whether to return ``db`` (else ``None``).
     need_input_grad : bool

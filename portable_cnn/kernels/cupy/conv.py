@@ -114,10 +114,10 @@ def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False):
 def conv2d_backward_on(run, xp, dy, x, weight, g, saved=None, has_bias=True, need_input_grad=True):
     """The non-depthwise backward on ``run``: the forward's columns where ``saved`` holds them in its layout."""
     layout, order, unfold, fold = _columns(run, x)
-    cols = saved.cols if saved is not None and saved.layout == layout else None
-    return reference.gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias,
-                                   need_input_grad=need_input_grad, unfold=unfold, fold=fold, sums=column_sums,
-                                   order=order)
+    # Taken and passed on unnamed: the GEMM code frees them before the input gradient's columns (ConvColumns.take).
+    return reference.gemm_backward(xp, dy, x, weight, g, cols=None if saved is None else saved.take(layout),
+                                   has_bias=has_bias, need_input_grad=need_input_grad, unfold=unfold, fold=fold,
+                                   sums=column_sums, order=order)
 
 
 def column_sums(xp, a):

@@ -141,6 +141,9 @@ def gemm_backward(xp, dy, x, weight, g, *, cols, has_bias, need_input_grad, unfo
     dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
     dy3 = _by_group(xp, dy2, g.G)  # (G, N*P*Q, K/G)
     dw3 = xp.matrix_transpose(dy3) @ _by_group(xp, cols, g.G)  # (G, K/G, C/G*R*S)
+    # Done with the columns: when this is their last reference (a caller that took them, ConvColumns.take),
+    # they are freed before dcols, as large, is allocated.
+    cols = None
     dweight = _weight_from_groups(xp, dw3, g, order)  # (K, C/G, R, S)
     dbias = sums(xp, dy2) if has_bias else None  # (K,)
     if not need_input_grad:
@@ -177,6 +180,7 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
 def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
                     where="conv2d"):
     """Gradients ``(dx or None, dW, db or None)``; ``saved`` is the forward's :class:`ConvColumns` or None."""
-    cols = saved.cols if saved is not None and saved.layout == COLUMN_LAYOUT else None
-    return gemm_backward(xp, dy, x, weight, g, cols=cols, has_bias=has_bias, need_input_grad=need_input_grad,
-                         unfold=im2col, fold=col2im, sums=column_sums)
+    # Taken, not read, and passed on unnamed: gemm_backward holds the columns' only reference (ConvColumns.take).
+    return gemm_backward(xp, dy, x, weight, g, cols=None if saved is None else saved.take(COLUMN_LAYOUT),
+                         has_bias=has_bias, need_input_grad=need_input_grad, unfold=im2col, fold=col2im,
+                         sums=column_sums)
