@@ -101,6 +101,12 @@ MUTANTS = (
            "weight = xp.permute_dims(weight, (0, 2, 3, 1))  # (K, R, S, C/G)",
            "weight = xp.permute_dims(weight, (0, 3, 2, 1))  # (K, R, S, C/G)", (K,),
            "CuPy conv over channels-last input: the weight's r and s swapped against the columns (GPU only)"),
+    Mutant("gemm_backward_holds_the_columns", "portable_cnn/kernels/reference/conv.py",
+           "    cols = None\n    dweight = _weight_from_groups", "    dweight = _weight_from_groups", (C,),
+           "memory: the GEMM backward keeps the taken columns alive while dcols is allocated"),
+    Mutant("conv_layer_keeps_its_columns", "portable_cnn/nn.py",
+           "        self._cache = (x, None)\n", "", ("tests/test_nn.py",),
+           "memory: a conv layer keeps its columns after its backward, until the next forward"),
     # ------------------------------------------------------------------ the blind spots
     Mutant("sliced_backward_last_slice_only", "portable_cnn/kernels/reference/conv.py",
            "dweight = dw_i if dweight is None else dweight + dw_i", "dweight = dw_i", (C,),
