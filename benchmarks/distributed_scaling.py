@@ -11,7 +11,17 @@ interpreter, as ``pip install 'portable-cnn[mpi]'`` puts it, else on PATH):
   (default: all cores), what one would run without ``--distributed``;
 * ``1 rank``: ``--distributed`` on one rank with one thread (the cost of the
   data-parallel path itself);
-* ``2 ranks`` ... ``N ranks`` (``--ranks``): one thread each.
+* ``2 ranks`` ... ``N ranks`` (``--ranks``): one thread each;
+* ``native PyTorch``: the :mod:`portable_cnn.bench.torch_mirror` of the
+  same model (our initial weights), ``cross_entropy`` and ``torch.optim.SGD``
+  on ``--threads`` threads, fed the same batches the same way (NumPy
+  indexing, then ``torch.from_numpy``), when torch is installed and the
+  backend is NumPy (``--no-torch`` leaves it out). Each configuration's
+  images/s are then also a ratio to PyTorch's.
+
+``--rounds`` launches every configuration that many times, in turn, so that
+the machine's drift falls on all of them alike; a ratio is the median of
+the per-round ratios (each round's medians), with their min-max.
 
 A launch trains ``--warmup`` steps, then ``--steps`` timed steps, ``--repeats``
 times (the same processes, so start-up is not timed); the figure is the
@@ -33,7 +43,9 @@ run's notes say so); ``1 rank`` covers NCCL's world size 1.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -56,6 +68,56 @@ def _mpiexec() -> str:
 # --------------------------------------------------------------------------- one launch (every rank)
 
 
+def _synthetic(args):
+    """``(x, y, channels, size)``: seeded normal images and random labels for warm-up and timed steps."""
+    import numpy as np
+
+    channels, size = (1, 28) if args.model in ("lenet", "digits") else (3, 32)
+    size = 8 if args.model == "digits" else size
+    n = args.batch_size * (args.warmup + args.steps)  # one epoch: warm-up and timed steps
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, channels, size, size)).astype(np.float32)
+    return x, rng.integers(0, 10, n), channels, size
+
+
+def torch_main(args) -> None:
+    """Native PyTorch on ``args.threads`` threads, timed as :func:`rank_main` times ours; prints one JSON line."""
+    import numpy as np
+    import torch
+
+    from portable_cnn import models
+    from portable_cnn.bench.torch_mirror import torch_model
+
+    torch.set_num_threads(args.threads)
+    x, y, channels, size = _synthetic(args)
+    model = models.build_model(args.model, in_channels=channels, num_classes=10, input_size=size)
+    net = torch_model(torch, model, model.state_dict(), "cpu", args.dtype)
+    results, loss = [], None
+    for repeat in range(args.repeats):
+        order = np.random.default_rng(repeat).permutation(len(x))  # a shuffled epoch, as the Trainer's
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        times = []
+        for step in range(args.warmup + args.steps):
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            xb = torch.from_numpy(x[batch]).to(getattr(torch, args.dtype))
+            yb = torch.from_numpy(y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if step % 10 == 0:  # the Trainer reads the loss back every log_every (10) steps
+                loss.item()
+            times.append(time.perf_counter())
+        timed = times[args.warmup - 1:]
+        results.append({"images_per_s": args.batch_size * args.steps / (timed[-1] - timed[0]),
+                        "allreduce_ms_per_step": 0.0})
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    n_gradients = sum(p.numel() for p in net.parameters())
+    print(json.dumps({"results": results, "notes": [], "transport": None,
+                      "gradient_mb": n_gradients * np.dtype(args.dtype).itemsize / 1e6, "bare_allreduce_ms": None}))
+
+
 def rank_main(args) -> None:
     """Time ``args.repeats`` x ``args.steps`` training steps; rank 0 prints one JSON line."""
     import numpy as np
@@ -68,12 +130,7 @@ def rank_main(args) -> None:
 
     comm = distributed.init(args.backend) if args.distributed else None
     backend_name = comm.backend if comm is not None else backend.resolve_backend(args.backend)[0]
-    channels, size = (1, 28) if args.model in ("lenet", "digits") else (3, 32)
-    size = 8 if args.model == "digits" else size
-    n = args.batch_size * (args.warmup + args.steps)  # one epoch: warm-up and timed steps
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, channels, size, size)).astype(np.float32)
-    y = rng.integers(0, 10, n)
+    x, y, channels, size = _synthetic(args)
     ds = Dataset(x, y, x[:8], y[:8], num_classes=10, name="synthetic")
     model = models.build_model(args.model, in_channels=channels, num_classes=10, input_size=size).to(backend_name, args.dtype)
 
@@ -128,11 +185,12 @@ def rank_main(args) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def launch(args, ranks: int, distributed: bool) -> dict:
-    """One configuration in fresh processes; rank 0's JSON."""
+def launch(args, ranks: int, distributed: bool, native_torch: bool = False) -> dict:
+    """One configuration in fresh processes; rank 0's JSON (``native_torch``: PyTorch's run instead of ours)."""
     worker = [sys.executable, __file__, "--rank-main", "--model", args.model, "--backend", args.backend,
               "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    worker += ["--torch-main"] if native_torch else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if distributed:
         command = [_mpiexec(), "-n", str(ranks), *worker, "--distributed"]
@@ -161,32 +219,56 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=2, help="up to this many ranks (default: 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS threads of the one-process baseline (default: all cores)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="launches of every configuration, in turn (default: 1)")
+    p.add_argument("--no-torch", action="store_true", help="leave native PyTorch out")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch-main", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank_main:
-        rank_main(args)
+        (torch_main if args.torch_main else rank_main)(args)
         return
-    configs = [(f"1 process, {args.threads} thread(s)", 1, False)]
-    configs += [(f"{k} rank{'s' if k > 1 else ''}, 1 thread each", k, True) for k in range(1, args.ranks + 1)]
+    configs = [(f"1 process, {args.threads} thread(s)", 1, False, False)]
+    configs += [(f"{k} rank{'s' if k > 1 else ''}, 1 thread each", k, True, False) for k in range(1, args.ranks + 1)]
+    with_torch = not args.no_torch and args.backend == "numpy" and importlib.util.find_spec("torch") is not None
+    if with_torch:
+        configs.append((f"native PyTorch, {args.threads} thread(s)", 1, False, True))
+    runs = {label: [] for label, *_ in configs}  # per configuration, one launch's output per round
+    for _ in range(args.rounds):
+        for label, ranks, distributed, native_torch in configs:
+            runs[label].append(launch(args, ranks, distributed, native_torch))
     print(f"{args.model}, {args.backend}, {args.dtype}, global batch {args.batch_size}, {args.steps} timed steps "
-          f"after {args.warmup}, median (min-max) of {args.repeats} repeats")
-    print("| configuration | images/s | all-reduce ms/step | bare all-reduce ms | transport |")
-    print("| --- | --- | --- | --- | --- |")
+          f"after {args.warmup}, median (min-max) of {args.repeats} repeats x {args.rounds} round(s)")
+    print("| configuration | images/s | / PyTorch | all-reduce ms/step | bare all-reduce ms | transport |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    torch_label = configs[-1][0] if with_torch else None
     notes = []
-    for label, ranks, distributed in configs:
-        out = launch(args, ranks, distributed)
-        speed = _summary([r["images_per_s"] for r in out["results"]])
-        reduce_ms = _summary([r["allreduce_ms_per_step"] for r in out["results"]])
+    for label, ranks, distributed, native_torch in configs:
+        outs = runs[label]
+        rows = [r for out in outs for r in out["results"]]
+        speed = _summary([r["images_per_s"] for r in rows])
+        reduce_ms = _summary([r["allreduce_ms_per_step"] for r in rows])
         reduce_text = f"{reduce_ms[0]:.2f} ({reduce_ms[1]:.2f}-{reduce_ms[2]:.2f})" if distributed else "-"
-        bare = f"{out['bare_allreduce_ms']:.2f}" if out["bare_allreduce_ms"] is not None else "-"
-        print(f"| {label} | {speed[0]:,.0f} ({speed[1]:,.0f}-{speed[2]:,.0f}) | {reduce_text} | {bare} | "
-              f"{out['transport'] or '-'} |", flush=True)
-        notes += [n for n in out["notes"] if n not in notes]
-        gradient_mb = out["gradient_mb"]
-    print(f"gradient buffer: {gradient_mb:.2f} MB")
+        bare_values = [out["bare_allreduce_ms"] for out in outs if out["bare_allreduce_ms"] is not None]
+        bare = f"{statistics.median(bare_values):.2f}" if bare_values else "-"
+        ratio_text = "-"
+        if torch_label is not None and not native_torch:
+            ratio = _summary([_round_speed(out) / _round_speed(ref) for out, ref in zip(outs, runs[torch_label])])
+            ratio_text = f"{ratio[0]:.2f}x ({ratio[1]:.2f}-{ratio[2]:.2f})"
+        elif native_torch:
+            ratio_text = "reference"
+        print(f"| {label} | {speed[0]:,.0f} ({speed[1]:,.0f}-{speed[2]:,.0f}) | {ratio_text} | {reduce_text} | {bare} | "
+              f"{outs[0]['transport'] or '-'} |", flush=True)
+        notes += [n for out in outs for n in out["notes"] if n not in notes]
+    print(f"gradient buffer: {runs[configs[0][0]][0]['gradient_mb']:.2f} MB")
     for note in notes:
         print(f"note: {note}")
+
+
+def _round_speed(out: dict) -> float:
+    """One launch's median images/s over its repeats."""
+    return statistics.median(r["images_per_s"] for r in out["results"])
 
 
 if __name__ == "__main__":
