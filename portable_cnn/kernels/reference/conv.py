@@ -123,7 +123,7 @@ def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout, order="cr
     w3 = _weight_by_group(xp, weight, g, order)  # (G, K/G, C/G*R*S)
     y = _ungroup(xp, _by_group(xp, cols, g.G) @ xp.matrix_transpose(w3))  # (G, N*P*Q, K/G) -> (N*P*Q, K)
     if bias is not None:
-        y = y + bias
+        y += bias  # in place: y is the product's own fresh array, and a second one would double the peak here
     y = xp.permute_dims(xp.reshape(y, (g.N, g.P, g.Q, g.K)), (0, 3, 1, 2))  # (N, K, P, Q)
     return y, (ConvColumns(layout, cols) if keep_cols else None)
 
