@@ -34,6 +34,17 @@ def test_batch_parallel_runs_small_work_in_the_calling_thread():
     assert threads == [threading.current_thread()]
 
 
+def test_batch_parallel_counts_a_memory_pass_by_its_bytes():
+    """A pass over memory gets a thread per _MIN_BYTES_PER_THREAD it reads (pooling), the rest in the caller."""
+    parts = {}
+    with config_context(num_threads=3):
+        for nbytes in (1000, 2 * _parallel._MIN_BYTES_PER_THREAD, 100 * _parallel._MIN_BYTES_PER_THREAD):
+            slots = []
+            _parallel.batch_parallel(lambda lo, hi, slot: slots.append(slot), 64, nbytes=nbytes)
+            parts[nbytes] = len(slots)
+    assert list(parts.values()) == [1, 2, 3]
+
+
 def test_the_calling_thread_runs_the_first_part_and_the_pool_the_others():
     """The caller works on part 0 instead of sleeping while the pool runs all parts (docs/benchmarks.md)."""
     ran = {}
