@@ -11,7 +11,9 @@ interpreter, as ``pip install 'portable-cnn[mpi]'`` puts it, else on PATH):
   (default: all cores), what one would run without ``--distributed``;
 * ``1 rank``: ``--distributed`` on one rank with one thread (the cost of the
   data-parallel path itself);
-* ``2 ranks`` ... ``N ranks`` (``--ranks``): one thread each;
+* ``2 ranks`` ... ``N ranks`` (``--ranks``): one thread each; or, with
+  ``--rank-layouts`` (e.g. ``16x1,4x4``), the listed rank counts with the
+  listed threads per rank;
 * ``native PyTorch``: the :mod:`portable_cnn.bench.torch_mirror` of the
   same model (our initial weights), ``cross_entropy`` and ``torch.optim.SGD``
   on ``--threads`` threads, fed the same batches the same way (NumPy
@@ -147,7 +149,7 @@ def rank_main(args) -> None:
                 comm.allreduce_seconds, comm.allreduce_calls = 0.0, 0
 
     results = []
-    threads = 1 if args.distributed else args.threads
+    threads = args.rank_threads if args.distributed else args.threads
     for repeat in range(args.repeats):
         clock = Clock()
         opt = optim.SGD(model, lr=0.01, momentum=0.9)
@@ -185,7 +187,7 @@ def rank_main(args) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def launch(args, ranks: int, distributed: bool, native_torch: bool = False) -> dict:
+def launch(args, ranks: int, distributed: bool, native_torch: bool = False, rank_threads: int = 1) -> dict:
     """One configuration in fresh processes; rank 0's JSON (``native_torch``: PyTorch's run instead of ours)."""
     worker = [sys.executable, __file__, "--rank-main", "--model", args.model, "--backend", args.backend,
               "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
@@ -193,8 +195,9 @@ def launch(args, ranks: int, distributed: bool, native_torch: bool = False) -> d
     worker += ["--torch-main"] if native_torch else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if distributed:
-        command = [_mpiexec(), "-n", str(ranks), *worker, "--distributed"]
-        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        command = [_mpiexec(), "-n", str(ranks), *worker, "--distributed", "--rank-threads", str(rank_threads)]
+        env.update(OMP_NUM_THREADS=str(rank_threads), OPENBLAS_NUM_THREADS=str(rank_threads),
+                   MKL_NUM_THREADS=str(rank_threads))
     else:
         command = worker
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -219,6 +222,10 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=2, help="up to this many ranks (default: 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS threads of the one-process baseline (default: all cores)")
+    p.add_argument("--rank-layouts", default=None,
+                   help="comma-separated rank counts, each optionally x threads per rank (e.g. 16x1,4x4); "
+                        "default: 1 to --ranks ranks of one thread")
+    p.add_argument("--rank-threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=1,
                    help="launches of every configuration, in turn (default: 1)")
     p.add_argument("--no-torch", action="store_true", help="leave native PyTorch out")
@@ -229,22 +236,24 @@ def main(argv=None) -> None:
     if args.rank_main:
         (torch_main if args.torch_main else rank_main)(args)
         return
-    configs = [(f"1 process, {args.threads} thread(s)", 1, False, False)]
-    configs += [(f"{k} rank{'s' if k > 1 else ''}, 1 thread each", k, True, False) for k in range(1, args.ranks + 1)]
+    configs = [(f"1 process, {args.threads} thread(s)", 1, False, False, 1)]
+    for ranks, rank_threads in _rank_layouts(args):
+        configs.append((f"{ranks} rank{'s' if ranks > 1 else ''}, {rank_threads} thread{'s' if rank_threads > 1 else ''}"
+                        " each", ranks, True, False, rank_threads))
     with_torch = not args.no_torch and args.backend == "numpy" and importlib.util.find_spec("torch") is not None
     if with_torch:
-        configs.append((f"native PyTorch, {args.threads} thread(s)", 1, False, True))
+        configs.append((f"native PyTorch, {args.threads} thread(s)", 1, False, True, 1))
     runs = {label: [] for label, *_ in configs}  # per configuration, one launch's output per round
     for _ in range(args.rounds):
-        for label, ranks, distributed, native_torch in configs:
-            runs[label].append(launch(args, ranks, distributed, native_torch))
+        for label, ranks, distributed, native_torch, rank_threads in configs:
+            runs[label].append(launch(args, ranks, distributed, native_torch, rank_threads))
     print(f"{args.model}, {args.backend}, {args.dtype}, global batch {args.batch_size}, {args.steps} timed steps "
           f"after {args.warmup}, median (min-max) of {args.repeats} repeats x {args.rounds} round(s)")
     print("| configuration | images/s | / PyTorch | all-reduce ms/step | bare all-reduce ms | transport |")
     print("| --- | --- | --- | --- | --- | --- |")
     torch_label = configs[-1][0] if with_torch else None
     notes = []
-    for label, ranks, distributed, native_torch in configs:
+    for label, ranks, distributed, native_torch, _ in configs:
         outs = runs[label]
         rows = [r for out in outs for r in out["results"]]
         speed = _summary([r["images_per_s"] for r in rows])
@@ -264,6 +273,20 @@ def main(argv=None) -> None:
     print(f"gradient buffer: {runs[configs[0][0]][0]['gradient_mb']:.2f} MB")
     for note in notes:
         print(f"note: {note}")
+
+
+def _rank_layouts(args) -> list[tuple[int, int]]:
+    """``(ranks, threads per rank)`` of each distributed configuration: ``--rank-layouts``, else 1..--ranks x 1."""
+    if args.rank_layouts is None:
+        return [(k, 1) for k in range(1, args.ranks + 1)]
+    layouts = []
+    for item in args.rank_layouts.split(","):
+        ranks, _, threads = item.strip().partition("x")
+        try:
+            layouts.append((int(ranks), int(threads or 1)))
+        except ValueError:
+            sys.exit(f"distributed_scaling: --rank-layouts: expected items like 16 or 4x4, got {item!r}")
+    return layouts
 
 
 def _round_speed(out: dict) -> float:

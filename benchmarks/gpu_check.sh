@@ -18,7 +18,8 @@
 #      breakdown of the CuPy step
 #   7b. issue 15: CuPy against cuDNN at batch 256 for every net, training and
 #      inference, float32 and float64, with peak device memory; NumPy against
-#      PyTorch on all of the machine's CPU cores (vgg-small and lenet, batch 256)
+#      PyTorch on all of the machine's CPU cores (vgg-small and lenet, batch 256),
+#      and, if time is left, those cores as 16 and as 4 MPI ranks
 #   8. a short table last: the card, both ratios to PyTorch, the GPU-over-CPU
 #      speed-up, issue 15's targets, the test counts and each step's status
 #
@@ -39,6 +40,7 @@ PYTHON="${PYTHON:-python3}"
 out="${OUT:-$repo/bench-results/gpu}"
 mkdir -p "$out"
 site=/tmp/site
+mpi_prefix=/tmp/mpi
 install_dir=/tmp/portable-cnn
 export PYTHONUNBUFFERED=1
 # Our code from this clone first, then the carried wheels.
@@ -94,7 +96,7 @@ run_step() {  # run_step NAME LIMIT_SECONDS COMMAND_OR_FUNCTION ARGS...
     record "$name" "$rc" $((SECONDS - start))
     return "$rc"
 }
-export PYTHON site install_dir out
+export PYTHON site mpi_prefix install_dir out
 
 # --- 1. carried wheels and the project ------------------------------------
 install_wheels() {
@@ -112,8 +114,22 @@ install_wheels() {
             echo "warning: .whl/ lacks $spec (benchmarks/gpu_wheels.txt)"
         fi
     done < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' benchmarks/gpu_wheels.txt | grep -v '^$')
+    local mpi=() others=() wheel
+    for wheel in "${wheels[@]}"; do
+        case "$(basename "$wheel")" in
+            mpi4py-* | mpich-*) mpi+=("$wheel") ;;
+            *) others+=("$wheel") ;;
+        esac
+    done
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" "${wheels[@]}"
+        --target "$site" "${others[@]}" || return 1
+    # MPICH's wheel puts mpiexec in bin/ and libmpi in lib/ of the install
+    # prefix, and pip's --target keeps no lib/: these two get a prefix of their own.
+    if [ "${#mpi[@]}" -gt 0 ]; then
+        rm -rf "$mpi_prefix"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --prefix "$mpi_prefix" "${mpi[@]}"
+    fi
 }
 install_project() {
     # Build from a copy, so the clone gets no build/ or egg-info; no network,
@@ -210,6 +226,22 @@ run_step "issue 15: numpy vs PyTorch CPU on every core, vgg-small and lenet, bat
     "$PYTHON" -m portable_cnn bench --backends numpy --nets vgg-small,lenet --batch-sizes 256 --modes train \
     --dtypes float32 --repeats 5 --warmup 1 --repeat-seconds 0.5 --max-seconds 30 \
     --json "$out/cpu16.json" --markdown "$out/cpu16.md"
+
+# The same 16 cores as data-parallel processes (the carried mpi4py and MPICH
+# wheels): on 2 cores, lenet trained 1.4-1.7x faster as two ranks of one
+# thread than as one process of two (docs/distributed.md). vgg-small, global
+# batch 256: one process of every thread, 16 ranks of one, 4 of 4, and PyTorch.
+# Last, as it runs only if the budget has time left.
+rm -f "$out/scaling16.md"
+scaling16() {
+    local packages
+    packages="$(echo "$mpi_prefix"/lib/python3*/site-packages)"
+    PATH="$mpi_prefix/bin:$PATH" LD_LIBRARY_PATH="$mpi_prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        PYTHONPATH="$packages:$PYTHONPATH" "$PYTHON" benchmarks/distributed_scaling.py --model vgg-small \
+        --batch-size 256 --steps 5 --warmup 2 --repeats 2 --rank-layouts 16x1,4x4 | tee "$out/scaling16.md"
+}
+export -f scaling16
+run_step "issue 15: the CPU cores as data-parallel MPI ranks, vgg-small batch 256" 120 scaling16
 
 # --- 8. the short table, last -------------------------------------------------------
 status_file="$(mktemp)"
@@ -309,6 +341,11 @@ for net in ("vgg-small", "lenet"):
         value = r["ratio_to_reference"]["median"]
         target = " (target >= 0.8x: " + ("met" if value >= 0.8 else "NOT met") + ")" if net == "vgg-small" else ""
         print(f"  {net} NumPy / PyTorch CPU, every core, batch 256: {value:.2f}x{target}")
+
+scaling = out / "scaling16.md"
+if scaling.exists() and "| native PyTorch" in scaling.read_text():
+    print("\nthe CPU cores as data-parallel ranks (benchmarks/distributed_scaling.py, vgg-small, batch 256):")
+    print(scaling.read_text().rstrip())
 
 print("\ntests:")
 not_run = []
