@@ -77,6 +77,18 @@ def test_batch_parallel_gives_each_thread_single_threaded_blas():
     assert _numpy_blas_threads(threadpoolctl) == before
 
 
+def test_a_failing_part_still_gives_blas_its_threads_back():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = _numpy_blas_threads(threadpoolctl)
+
+    def work(lo, hi, slot):
+        raise ValueError("bad part")
+
+    with pytest.raises(ValueError, match="bad part"):
+        _parallel.batch_parallel(work, 1)
+    assert _numpy_blas_threads(threadpoolctl) == before
+
+
 def test_pool_threads_follow_the_callers_floating_point_error_settings():
     big = np.full((4, 1 << 18), 1e38, dtype=np.float32)  # 4 MB: split over the pool
     out = np.empty_like(big)

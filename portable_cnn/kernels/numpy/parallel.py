@@ -100,7 +100,7 @@ class _OneBlasThread:
         self.restore = []
         for library in self.libraries:
             threads = library.get_num_threads()
-            if threads != 1:
+            if threads is not None and threads != 1:  # None: a library that cannot say, so cannot be restored
                 library.set_num_threads(1)
                 self.restore.append((library, threads))
 
