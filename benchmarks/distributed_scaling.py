@@ -238,8 +238,8 @@ def main(argv=None) -> None:
         return
     configs = [(f"1 process, {args.threads} thread(s)", 1, False, False, 1)]
     for ranks, rank_threads in _rank_layouts(args):
-        configs.append((f"{ranks} rank{'s' if ranks > 1 else ''}, {rank_threads} thread{'s' if rank_threads > 1 else ''}"
-                        " each", ranks, True, False, rank_threads))
+        label = f"{ranks} rank{'s' if ranks > 1 else ''}, {rank_threads} thread{'s' if rank_threads > 1 else ''} each"
+        configs.append((label, ranks, True, False, rank_threads))
     with_torch = not args.no_torch and args.backend == "numpy" and importlib.util.find_spec("torch") is not None
     if with_torch:
         configs.append((f"native PyTorch, {args.threads} thread(s)", 1, False, True, 1))
@@ -267,8 +267,8 @@ def main(argv=None) -> None:
             ratio_text = f"{ratio[0]:.2f}x ({ratio[1]:.2f}-{ratio[2]:.2f})"
         elif native_torch:
             ratio_text = "reference"
-        print(f"| {label} | {speed[0]:,.0f} ({speed[1]:,.0f}-{speed[2]:,.0f}) | {ratio_text} | {reduce_text} | {bare} | "
-              f"{outs[0]['transport'] or '-'} |", flush=True)
+        print(f"| {label} | {speed[0]:,.0f} ({speed[1]:,.0f}-{speed[2]:,.0f}) | {ratio_text} | {reduce_text} "
+              f"| {bare} | {outs[0]['transport'] or '-'} |", flush=True)
         notes += [n for out in outs for n in out["notes"] if n not in notes]
     print(f"gradient buffer: {runs[configs[0][0]][0]['gradient_mb']:.2f} MB")
     for note in notes:

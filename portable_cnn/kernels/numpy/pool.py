@@ -56,10 +56,10 @@ def _crop(frame, g):
 def _frame_bytes(g, dtype) -> int:
     """The bytes of the (N, frame_height, frame_width, C) frame a pooling reads or writes: its size for the thread pool.
 
-    Below about 1 MB a thread is not worth waking: lenet's second pooling
-    (0.8 MB of input at batch 128) took 0.37 ms in a training step on one thread and 0.40 on
-    two, its first (2.4 MB) 1.50 against 0.78; at batch 8 every pooling of
-    lenet now stays on one thread.
+    Below about 1 MB a thread is not worth waking: in a training step,
+    lenet's second pooling (0.8 MB of input at batch 128) took 0.37 ms on one
+    thread and 0.40 on two, its first (2.4 MB) 1.50 against 0.78; at batch 8
+    every pooling of lenet now stays on one thread.
     """
     return g.N * g.frame_height * g.frame_width * g.C * np.dtype(dtype).itemsize
 
