@@ -228,7 +228,7 @@ run_step "issue 15: numpy vs PyTorch CPU on every core, vgg-small and lenet, bat
     --json "$out/cpu16.json" --markdown "$out/cpu16.md"
 
 # The same 16 cores as data-parallel processes (the carried mpi4py and MPICH
-# wheels): on 2 cores, lenet trained 1.4-1.7x faster as two ranks of one
+# wheels): on 2 cores, lenet trained 1.2-1.7x faster as two ranks of one
 # thread than as one process of two (docs/distributed.md). vgg-small, global
 # batch 256: one process of every thread, 16 ranks of one, 4 of 4, and PyTorch.
 # Last, as it runs only if the budget has time left.
