@@ -752,16 +752,9 @@ class Residual(Module):
     >>> [name for name in block.state_dict() if name.endswith("weight")]
     ['0.body.0.weight', '0.body.1.weight', '0.body.3.weight', '0.body.4.weight', '0.shortcut.0.weight', '0.shortcut.1.weight']
 
-    The ``torch.nn`` equivalent, which :mod:`portable_cnn.bench.torch_mirror`
-    builds, is a module with the same two children::
-
-        class Residual(torch.nn.Module):
-            def __init__(self, body, shortcut):
-                super().__init__()
-                self.body, self.shortcut = body, shortcut
-
-            def forward(self, x):
-                return self.body(x) + self.shortcut(x)
+    The ``torch.nn`` equivalent is a module with the same two children whose
+    forward returns ``body(x) + shortcut(x)``; :mod:`portable_cnn.bench.torch_mirror`
+    builds it (``_residual_class``), so its state_dict names match these.
     """
 
     def __init__(self, body, shortcut=None):
