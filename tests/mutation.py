@@ -107,6 +107,17 @@ MUTANTS = (
     Mutant("conv_layer_keeps_its_columns", "portable_cnn/nn.py",
            "        self._cache = (x, None)\n", "", ("tests/test_nn.py",),
            "memory: a conv layer keeps its columns after its backward, until the next forward"),
+    # ------------------------------------------------------------------ NumPy's banded product (issue 15)
+    Mutant("banded_tile_overlap_dropped", "portable_cnn/kernels/numpy/banded.py",
+           "                        dxpad[i:j, r : r + P, q0 : q0 + S - 1, :] += dwin[:, :, t, r, T:, :]",
+           "                        pass", (C,),
+           "NumPy banded backward: the S-1 columns a tile shares with the next get no input gradient"),
+    Mutant("banded_diagonal_off_by_one", "portable_cnn/kernels/numpy/banded.py",
+           "dw_rsck += dband5[:, t : t + S, :, t, :]", "dw_rsck += dband5[:, t : t + S, :, min(t + 1, T - 1), :]",
+           (C,), "NumPy banded weight gradient: the band's diagonals read one tile column off"),
+    Mutant("banded_threads_drop_a_part", "portable_cnn/kernels/numpy/banded.py",
+           "        dband += partial_band[slot]", "        dband += partial_band[slot] * (slot != 1)", (C,),
+           "NumPy banded backward: the second thread's partial weight gradient dropped"),
     # ------------------------------------------------------------------ the issue's blind spots
     Mutant("sliced_backward_last_slice_only", "portable_cnn/kernels/reference/conv.py",
            "dweight = dw_i if dweight is None else dweight + dw_i", "dweight = dw_i", (C,),

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from portable_cnn import config_context, dispatch, nn
 from portable_cnn.geometry import ConvGeometry
+from portable_cnn.kernels.numpy import banded as numpy_banded
 from portable_cnn.kernels.numpy import conv as numpy_conv
 from portable_cnn.kernels.numpy import depthwise as numpy_depthwise
 from portable_cnn.kernels.numpy import parallel as numpy_parallel
@@ -490,6 +491,154 @@ def test_conv2d_numpy_blocks_of_samples_match_standard_path(cfg, samples_per_blo
         standard = _conv_all_paths(cfg)
     for name in fast:
         np.testing.assert_allclose(fast[name], standard[name], err_msg=name, **tol("float64"))
+
+
+# ---------------------------------------------------------------- section 5b: the banded product
+
+
+def _geometry(cfg: ConvConfig) -> ConvGeometry:
+    return ConvGeometry.of((cfg.N, cfg.C, cfg.H, cfg.W), (cfg.K, cfg.C // cfg.G, cfg.R, cfg.S), (cfg.u, cfg.v),
+                           (cfg.a, cfg.b), (cfg.dh, cfg.dw), groups=cfg.G)
+
+
+# Stride 1, few channels, so NumPy runs them banded (T the tile width):
+BANDED_CASES = {
+    # lenet's first layer in small: one channel, 5x5, padding 2; T = 6 of Q = 12, two tiles.
+    "lenet-first": ConvConfig(3, 1, 6, 12, 12, 5, 5, 1, 1, 2, 2, 1, 1, seed=11),
+    # lenet's second layer as it is: T = 5 of Q = 10.
+    "lenet-second": ConvConfig(4, 6, 16, 14, 14, 5, 5, 1, 1, 0, 0, 1, 1, seed=12),
+    # Non-square everything, padding a != b: Q = 10, T = 2, five tiles.
+    "uneven": ConvConfig(5, 3, 4, 6, 10, 2, 3, 1, 1, 2, 1, 1, 1, seed=13),
+    # T = 4 = S - 1: a tile's overlap with the next is the whole next tile.
+    "overlap-a-whole-tile": ConvConfig(3, 2, 3, 8, 8, 3, 5, 1, 1, 1, 2, 1, 1, seed=14),
+}
+
+
+@pytest.fixture
+def banded_at_any_batch(monkeypatch):
+    """The banded product for BANDED_CASES' small batches too (it starts at 3 MB of im2col columns)."""
+    monkeypatch.setattr(numpy_banded, "_MIN_COLUMN_BYTES", 0)
+
+
+def test_banded_cases_are_what_their_names_say(banded_at_any_batch):
+    """Every BANDED_CASE runs banded on NumPy, with the tile widths the comments give."""
+    widths = {name: numpy_banded.tile_width(_geometry(cfg)) for name, cfg in BANDED_CASES.items()}
+    assert all(numpy_banded.use(_geometry(cfg), 8) for cfg in BANDED_CASES.values())
+    assert widths == {"lenet-first": 6, "lenet-second": 5, "uneven": 2, "overlap-a-whole-tile": 4}
+    assert (BANDED_CASES["uneven"].Q, BANDED_CASES["overlap-a-whole-tile"].S) == (10, 5)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, options, banded",
+    [
+        ((128, 1, 28, 28), (6, 1, 5, 5), {"padding": 2}, True),  # lenet's first layer
+        ((32, 1, 28, 28), (6, 1, 5, 5), {"padding": 2}, False),  # at batch 32: 2.5 MB of columns
+        ((64, 6, 14, 14), (16, 6, 5, 5), {}, True),  # lenet's second at batch 64: 3.8 MB
+        ((128, 6, 14, 14), (16, 6, 5, 5), {}, True),  # lenet's second
+        ((128, 3, 32, 32), (16, 3, 3, 3), {"padding": 1}, True),  # resnet20's first
+        ((128, 16, 32, 32), (16, 16, 3, 3), {"padding": 1}, False),  # resnet20's 16 -> 16: C > 8
+        ((128, 3, 32, 32), (32, 3, 3, 3), {"padding": 1}, False),  # vgg-small's first: K > 16
+        ((128, 1, 8, 8), (16, 1, 3, 3), {"padding": 1}, False),  # the digits net's: C*S < 4
+        ((128, 6, 14, 14), (16, 6, 5, 5), {"stride": 2}, False),
+        ((128, 6, 14, 14), (16, 6, 5, 5), {"dilation": 2}, False),
+        ((128, 6, 14, 14), (16, 3, 5, 5), {"groups": 2}, False),
+        ((128, 6, 14, 17), (16, 6, 5, 5), {}, False),  # Q = 13: no tile of at least S - 1 = 4 divides it
+        ((128, 6, 14, 14), (16, 6, 5, 1), {}, False),  # S = 1: nothing to band
+    ],
+)
+def test_banded_product_runs_the_thin_stride_one_layers(x_shape, w_shape, options, banded):
+    """Which convolutions NumPy runs banded (the thresholds of portable_cnn/kernels/numpy/banded.py)."""
+    g = ConvGeometry.of(x_shape, w_shape, options.get("stride", 1), options.get("padding", 0),
+                        options.get("dilation", 1), groups=options.get("groups", 1))
+    assert numpy_banded.use(g, 4) is banded
+
+
+def test_banded_product_is_reached_by_conv2d_on_numpy(monkeypatch, banded_at_any_batch):
+    """conv2d and conv2d_backward on NumPy go to the banded kernels when use() says so, and only then."""
+    calls = []
+    real_forward, real_backward = numpy_banded.forward, numpy_banded.backward
+    monkeypatch.setattr(numpy_banded, "forward", lambda *a: calls.append("forward") or real_forward(*a))
+    monkeypatch.setattr(numpy_banded, "backward", lambda *a: calls.append("backward") or real_backward(*a))
+    x, w, b, dy = BANDED_CASES["lenet-second"].arrays()
+    conv2d_backward(dy, x, w, cols=conv2d(x, w, b, return_cols=True)[1])
+    assert calls == ["forward", "backward"]
+    calls.clear()
+    conv2d(x, w, b, stride=2)
+    assert calls == []
+
+
+def test_band_is_the_weight_along_its_diagonals():
+    """Section 5b: B[r, t+s, c, t, k] = w[k, c, r, s] and zero off the band, entry by entry."""
+    cfg = BANDED_CASES["uneven"]
+    g = _geometry(cfg)
+    T = numpy_banded.tile_width(g)
+    _, w, _, _ = cfg.arrays()
+    band = numpy_banded._band(w, g, T).reshape(cfg.R, T + cfg.S - 1, cfg.C, T, cfg.K)
+    want = np.zeros_like(band)
+    for r, wcol, c, t, k in np.ndindex(*band.shape):
+        if 0 <= wcol - t < cfg.S:
+            want[r, wcol, c, t, k] = w[k, c, r, wcol - t]
+    np.testing.assert_array_equal(band, want)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(BANDED_CASES))
+def test_banded_conv2d_matches_standard_path(name, dtype, banded_at_any_batch):
+    """Section 5b: y, dx, dW, db of the banded product equal the reference im2col + GEMM's, through every entry."""
+    cfg = BANDED_CASES[name]
+    fast, standard = {}, {}
+    for out, fast_paths in ((fast, True), (standard, False)):
+        x, w, b, dy = (a.astype(dtype) for a in cfg.arrays())
+        with config_context(fast_paths=fast_paths):
+            y = conv2d(x, w, b, **cfg.options)
+            out["y"] = y
+            out["dx"], out["dw"], out["db"] = conv2d_backward(dy, x, w, **cfg.options)
+            none_dx, out["dw_alone"], none_db = conv2d_backward(dy, x, w, has_bias=False, need_input_grad=False,
+                                                                **cfg.options)
+            assert none_dx is None and none_db is None
+    for key in fast:
+        assert fast[key].dtype == np.dtype(dtype), key
+        np.testing.assert_allclose(fast[key], standard[key], err_msg=key, **tol(dtype))
+
+
+@pytest.mark.parametrize("name", ["lenet-second", "uneven", "overlap-a-whole-tile"])
+def test_banded_conv2d_blocks_threads_and_reused_buffers_match_standard_path(name, monkeypatch,
+                                                                             banded_at_any_batch):
+    """Section 5b: one sample per block on two threads, buffers reused across calls with other inputs."""
+    monkeypatch.setattr(numpy_banded, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_parallel, "_MIN_FLOPS_PER_THREAD", 1)  # threads even for these small problems
+    workspace = {}
+    for seed_offset in (0, 7):
+        cfg = BANDED_CASES[name]._replace(seed=BANDED_CASES[name].seed + seed_offset)
+        x, w, b, dy = cfg.arrays()
+        with config_context(num_threads=2):
+            y = conv2d(x, w, b, workspace=workspace, **cfg.options)
+            dx, dw, db = conv2d_backward(dy, x, w, workspace=workspace, **cfg.options)
+        with config_context(fast_paths=False):
+            want = (conv2d(x, w, b, **cfg.options), *conv2d_backward(dy, x, w, **cfg.options))
+        for got, expected in zip((y, dx, dw, db), want):
+            np.testing.assert_allclose(got, expected, **tol("float64"))
+    assert any(key.startswith("banded.") for key in workspace), "the unfolded rows should live in the workspace"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(BANDED_CASES))
+def test_banded_conv2d_matches_torch(torch, name, dtype, layout, banded_at_any_batch):
+    """Section 5b: the banded y, dx, dW, db equal torch.nn.functional.conv2d and its autograd."""
+    _check_against_torch(torch, dtype, BANDED_CASES[name], layout)
+
+
+@pytest.mark.parametrize("name", ["lenet-first", "uneven"])
+def test_banded_conv2d_does_not_modify_inputs(backend, name, banded_at_any_batch):
+    """Forward + backward of the banded cases leave x, W, b and dy as they were."""
+    _check_inputs_unmodified(backend, BANDED_CASES[name])
+
+
+@pytest.mark.parametrize("name", ["lenet-first", "uneven"])
+def test_banded_conv2d_gradients_match_central_differences(name, banded_at_any_batch):
+    """Section 5b: the banded gradients against float64 central differences (NumPy)."""
+    _check_central_differences(make_backend("numpy"), BANDED_CASES[name]._replace(N=2))
 
 
 # ---------------------------------------------------------------- section 5a: groups and depthwise

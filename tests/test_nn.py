@@ -135,7 +135,7 @@ def test_eval_mode_backward_equals_train_mode(backend):
 
 def test_conv_backward_drops_its_columns_and_a_second_backward_agrees(backend):
     """Training keeps the im2col matrix for one backward only; a second backward unfolds x again and agrees."""
-    conv = nn.Conv2d(2, 3, 3, padding=1).to(backend.xp, "float64")
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).to(backend.xp, "float64")  # stride 2: im2col on NumPy too
     x = backend.asarray(model_input())
     y = conv.forward(x)
     dy = backend.asarray(np.random.default_rng(3).standard_normal(tuple(y.shape)))

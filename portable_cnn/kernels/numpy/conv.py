@@ -10,7 +10,10 @@ leading dimension ``G*R*S*C/G``), and ``G`` groups are one ``np.matmul``
 over a stack of ``G`` such views (docs/derivation.md, section 5a).
 
 A depthwise convolution (``G = C``) does not come here as ``C`` GEMMs of
-one column each: :mod:`.depthwise` multiplies and adds it tap by tap.
+one column each: :mod:`.depthwise` multiplies and adds it tap by tap. A
+stride-1 layer of few input and output channels (lenet's two), whose im2col
+GEMMs would be thin, runs :mod:`.banded`: unfolded along the kernel's rows
+only, with a banded weight along its columns.
 
 Three choices make NumPy convolutions fast here:
 
@@ -39,7 +42,7 @@ import numpy as np
 
 from ...config import setting
 from ...geometry import ConvColumns
-from . import depthwise
+from . import banded, depthwise
 from .parallel import batch_parallel, parallel_copy
 
 __all__ = ["COLUMN_LAYOUT", "conv2d_forward", "conv2d_backward"]
@@ -179,14 +182,23 @@ def _weight_columns(weight, g):
     return w5.transpose(0, 3, 4, 2, 1).reshape(g.G, g.R * g.S * g.Cg, g.Kg)  # (G, R, S, C/G, K/G) -> (G, R*S*C/G, K/G)
 
 
+def _workspace_buffer(workspace):
+    """``buffer(shape, dtype, tag)`` for :mod:`.banded`: arrays of ``workspace`` (see :func:`_buffer`)."""
+    return lambda shape, dtype, tag: _buffer(workspace, tag, shape, dtype)
+
+
 def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
     """Forward; returns ``(y, ConvColumns or None)``: the columns only for a small layer (``_KEEP_BYTES``).
 
-    A depthwise convolution (``g.depthwise``) runs :mod:`.depthwise` and keeps no columns.
+    A depthwise convolution (``g.depthwise``) runs :mod:`.depthwise`, a thin
+    one (:func:`.banded.use`) :mod:`.banded`; neither keeps columns.
     """
-    if g.depthwise:
+    if g.depthwise or banded.use(g, x.itemsize):
         xpad = _padded_nhwc(x, g.a, g.b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
-        y = depthwise.forward(xpad, weight, bias, g)  # (N, P, Q, K)
+        if g.depthwise:
+            y = depthwise.forward(xpad, weight, bias, g)  # (N, P, Q, K)
+        else:
+            y = banded.forward(xpad, weight, bias, g, _workspace_buffer(workspace))  # (N, P, Q, K)
         return y.transpose(0, 3, 1, 2), None  # (N, K, P, Q) view of (N, P, Q, K)
     N, C, P, Q, K, R, S, G = g.N, g.C, g.P, g.Q, g.K, g.R, g.S, g.G
     w3t = _weight_columns(weight, g)  # (G, R*S*C/G, K/G)
@@ -228,14 +240,19 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
     1 @ dY2`` into the thread's own partial sums, and ``dx`` for those
     samples, either as a convolution of dy (stride 1, docs/derivation.md
     section 5) or by col2im tap by tap. A depthwise convolution runs
-    :mod:`.depthwise`.
+    :mod:`.depthwise`, a thin one :mod:`.banded`.
     """
     N, C, H, W, K, R, S, P, Q, G = g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.G
     u, v, a, b, dh, dw = g.u, g.v, g.a, g.b, g.dh, g.dw
     dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, K), contiguous when dy is channels-last
-    if g.depthwise:
+    if g.depthwise or banded.use(g, x.itemsize):
         xpad = _padded_nhwc(x, a, b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
-        dxpad, dweight, dbias = depthwise.backward(dyt, xpad, weight, g, has_bias, need_input_grad)
+        if g.depthwise:
+            dxpad, dweight, dbias = depthwise.backward(dyt, xpad, weight, g, has_bias, need_input_grad)
+        else:
+            dxpad, dweight, dbias = banded.backward(
+                dyt, xpad, weight, g, has_bias, need_input_grad, _workspace_buffer(workspace)
+            )
         dx = None if dxpad is None else dxpad[:, a : a + H, b : b + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W) view
         return dx, dweight, dbias
     limit = _limit_samples(g, x.itemsize)
