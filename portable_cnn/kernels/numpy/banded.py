@@ -167,12 +167,8 @@ def backward(dyt, xpad, weight, g, has_bias, need_input_grad, buffer=_scratch):
             if dxpad is not None:
                 dwin = (dy2 @ band.T).reshape(j - i, P, tiles, R, Tw, C)  # each tile's window gradient
                 for r in range(R):
-                    # A tile's first T columns are its own; its last S-1 overlap the next tile's first.
-                    own = dxpad[i:j, r : r + P, :Q, :].reshape(j - i, P, tiles, T, C)
-                    own += dwin[:, :, :, r, :T, :]
-                    for t in range(tiles):
-                        q0 = t * T + T
-                        dxpad[i:j, r : r + P, q0 : q0 + S - 1, :] += dwin[:, :, t, r, T:, :]
+                    for t in range(tiles):  # in turn: a tile's last S-1 columns are the next one's first
+                        dxpad[i:j, r : r + P, t * T : t * T + Tw, :] += dwin[:, :, t, r]
         partial_band[slot], partial_db[slot] = dband, db
 
     batch_parallel(work, N, flops=(3 if need_input_grad else 2) * _flops(g, T, xpad.itemsize))
