@@ -79,9 +79,11 @@ def _image(shape):
     return lambda rng: {"x": _floats(rng, *shape)}
 
 
-def _max_pool(shape, *window, **options):
+def _max_pool(shape, *window, relu=False, **options):
+    pool = ops.max_pool2d_relu if relu else ops.max_pool2d
+
     def compute(x):
-        y, argmax = ops.max_pool2d(x, *window, **options)
+        y, argmax = pool(x, *window, **options)
         return {"y": y, "dx": ops.max_pool2d_backward(_output_grad(y), argmax, tuple(x.shape), *window, **options)}
 
     return _image(shape), compute
@@ -220,6 +222,7 @@ CASES = {
     "conv2d depthwise": _conv((2, 4, 7, 7), (8, 1, 3, 3), stride=2, padding=1, groups=4),
     "max_pool2d": _max_pool((2, 3, 7, 7), 3, 2, 1, ceil_mode=True),
     "max_pool2d dilation": _max_pool((2, 3, 9, 8), 2, 1, 0, dilation=2),
+    "max_pool2d then relu": _max_pool((2, 3, 7, 7), 3, 2, 1, relu=True, ceil_mode=True),
     "avg_pool2d": _avg_pool((2, 3, 7, 6), 3, 2, 1, ceil_mode=True, count_include_pad=False),
     "avg_pool2d divisor_override": _avg_pool((2, 3, 6, 6), 2, 2, 0, divisor_override=3),
     "adaptive_avg_pool2d": _adaptive_pool((2, 3, 7, 5), (3, 2)),

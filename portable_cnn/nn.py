@@ -459,8 +459,14 @@ class MaxPool2d(_Pool2d):
     def extra_repr(self):
         return f"{super().extra_repr()}, dilation={self.dilation}, ceil_mode={self.ceil_mode}"
 
-    def forward(self, x):
-        y, argmax = ops.max_pool2d(x, *self._options(), where=self.where)
+    def forward(self, x, *, relu=False):
+        """``y``; with ``relu``, ``relu(y)`` in the same pass (:func:`portable_cnn.ops.max_pool2d_relu`).
+
+        The backward is then that of the pair: :class:`Sequential` fuses a
+        ``ReLU`` that follows this layer so, and skips the ReLU's backward.
+        """
+        pool = ops.max_pool2d_relu if relu else ops.max_pool2d
+        y, argmax = pool(x, *self._options(), where=self.where)
         self._cache = (tuple(x.shape), argmax)
         return y
 
@@ -540,6 +546,14 @@ class ReLU(Module):
     def forward(self, x):
         self._x = x
         return ops.relu(x, where=self.where)
+
+    def _fused(self, y):
+        """Take ``y = relu(x)`` from the layer before (see :class:`Sequential`); return it.
+
+        ``y > 0`` exactly where ``x > 0``, so ``y`` serves the backward as ``x`` would.
+        """
+        self._x = y
+        return y
 
     def backward(self, dy, need_input_grad=True):
         if not need_input_grad:
@@ -673,6 +687,7 @@ class Sequential(Module):
                 raise TypeError(f"Sequential: layer {i} must be a portable_cnn.nn.Module, got {type(layer).__name__}")
             self.add_module(str(i), layer)
         self.layers = list(layers)
+        self._fused_relus = frozenset()  # indices of the ReLUs the last forward fused into a pooling
 
     def __len__(self):
         return len(self.layers)
@@ -688,8 +703,25 @@ class Sequential(Module):
         return f"Sequential({inner}\n)"
 
     def forward(self, x):
-        for layer in self.layers:
+        """The layers in order; a ``MaxPool2d`` and the ``ReLU`` after it run as one pass.
+
+        The pair is :func:`portable_cnn.ops.max_pool2d_relu`: the same output
+        and gradients (docs/derivation.md, section 7.4) with no pass of the
+        ReLU's own, forward or backward. Under :func:`layer_hook` every layer
+        runs on its own, so that a profiler sees each.
+        """
+        layers, fused = self.layers, []
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if _hook is None and i + 1 < len(layers) and _pool_then_relu(layer, layers[i + 1]):
+                x = layers[i + 1]._fused(layer.forward(x, relu=True))
+                fused.append(i + 1)
+                i += 2
+                continue
             x = _call_child(layer, "forward", layer.forward, x)
+            i += 1
+        self._fused_relus = frozenset(fused)
         return x
 
     def backward(self, dy, need_input_grad=True):
@@ -697,14 +729,24 @@ class Sequential(Module):
 
         With ``need_input_grad=False`` (training on data, whose gradient nobody
         reads) the first module is told so: a Conv2d or Linear then skips its
-        input gradient, one GEMM and a col2im, and ``None`` is returned.
+        input gradient, one GEMM and a col2im, and ``None`` is returned. A
+        ReLU the forward fused into its max pooling is skipped: the pooling's
+        backward applies it.
         """
         last = len(self.layers) - 1
+        fused = self._fused_relus if _hook is None else frozenset()
         for i in range(last, -1, -1):
+            if i in fused:
+                continue
             layer = self.layers[i]
             wanted = need_input_grad or i > 0
             dy = _call_child(layer, "backward", layer.backward, dy, need_input_grad=wanted)
         return dy
+
+
+def _pool_then_relu(layer, after) -> bool:
+    """A ``MaxPool2d`` followed by a ``ReLU`` (exactly these classes): a pair the forward fuses."""
+    return type(layer) is MaxPool2d and type(after) is ReLU
 
 
 class Identity(Module):

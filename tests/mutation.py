@@ -118,6 +118,16 @@ MUTANTS = (
     Mutant("banded_threads_drop_a_part", "portable_cnn/kernels/numpy/banded.py",
            "        dband += partial_band[slot]", "        dband += partial_band[slot] * (slot != 1)", (C,),
            "NumPy banded backward: the second thread's partial weight gradient dropped"),
+    # ------------------------------------------------------------------ max pooling fused with its ReLU (issue 15)
+    Mutant("pool_relu_no_sentinel", "portable_cnn/kernels/numpy/pool.py",
+           "    np.multiply(argmax, passes, out=argmax)\n", "", (P, "tests/test_nn.py"),
+           "NumPy max_pool2d_relu: the argmax keeps its tap where the ReLU stops, so the gradient leaks"),
+    Mutant("pool_relu_cuda_sentinel", "portable_cnn/kernels/cupy/cuda/pool.cu",
+           "            best_k = -1;", "            best_k = 0;", (K,),
+           "CUDA max_pool2d_forward with relu: a stopped window's gradient goes to its first tap"),
+    Mutant("sequential_fuses_without_the_relu", "portable_cnn/nn.py",
+           "x = layers[i + 1]._fused(layer.forward(x, relu=True))", "x = layers[i + 1]._fused(layer.forward(x))",
+           ("tests/test_nn.py",), "nn.Sequential: a fused pair pools but never applies the ReLU"),
     # ------------------------------------------------------------------ the issue's blind spots
     Mutant("sliced_backward_last_slice_only", "portable_cnn/kernels/reference/conv.py",
            "dweight = dw_i if dweight is None else dweight + dw_i", "dweight = dw_i", (C,),

@@ -765,6 +765,17 @@ def _max_pool_forward_reference(p):
     return {"y": y, "argmax": argmax}
 
 
+def _max_pool_relu(run, p):
+    """relu(max pool) in the forward kernel, and the backward of its argmax (-1 where the ReLU stops)."""
+    y, argmax = cupy_pool.max_pool2d_forward_on(run, p.x, p.g, relu=True)
+    return {"y": y, "argmax": argmax, "dx": cupy_pool.max_pool2d_backward_on(run, p.dy, argmax, p.g)}
+
+
+def _max_pool_relu_reference(p):
+    y, argmax = reference_pool.max_pool2d_relu_forward(XP, p.x, p.g)
+    return {"y": y, "argmax": argmax, "dx": reference_pool.max_pool2d_backward(XP, p.dy, argmax, p.g)}
+
+
 def _loss_forward(run, p):
     loss, probs = cupy_elementwise.softmax_cross_entropy_forward_on(run, p.logits, p.labels, p.ignore_index,
                                                                     p.reduction)
@@ -828,6 +839,9 @@ CASES = {
         draw_depthwise, _depthwise_backward, _depthwise_backward_reference),
     "max_pool2d_forward": Case(
         ("max_pool2d_forward",), functools.partial(draw_pool, kind="max"), _max_pool_forward, _max_pool_forward_reference, exact=("y", "argmax")),
+    "max_pool2d_relu": Case(
+        ("max_pool2d_forward", "max_pool2d_backward"), functools.partial(draw_pool, kind="max"), _max_pool_relu,
+        _max_pool_relu_reference, exact=("y", "argmax")),
     "max_pool2d_backward": Case(
         ("max_pool2d_backward",), functools.partial(draw_pool, kind="max"),
         lambda run, p: {"dx": cupy_pool.max_pool2d_backward_on(run, p.dy, p.argmax, p.g)},

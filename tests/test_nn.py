@@ -531,6 +531,66 @@ def test_layer_hook_sees_every_call_in_order_and_is_removed():
     assert calls == []
 
 
+def _pooled_relu_model() -> nn.Sequential:
+    """MaxPool2d -> ReLU twice (fused), beside AvgPool2d -> ReLU and ReLU -> MaxPool2d (not fused)."""
+    nn.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),  # (2, 4, 7, 8)
+        nn.MaxPool2d(2, stride=1), nn.ReLU(),  # (2, 4, 6, 7): fused
+        nn.AvgPool2d(2, stride=1), nn.ReLU(),  # (2, 4, 5, 6)
+        nn.Conv2d(4, 3, 2),  # (2, 3, 4, 5)
+        nn.ReLU(), nn.MaxPool2d((2, 3), padding=1, ceil_mode=True), nn.ReLU(),  # (2, 3, 3, 2): the second pair fused
+        nn.Flatten(),
+        nn.Linear(18, NUM_CLASSES),
+    )
+
+
+def test_sequential_fuses_a_max_pooling_with_the_relu_after_it(backend):
+    """Section 7.4: MaxPool2d then ReLU run as max_pool2d_relu, with the same loss, input and parameter gradients.
+
+    Under layer_hook every layer runs on its own (the reference run here);
+    the fused run must agree with it bit for bit.
+    """
+    model = _pooled_relu_model().to(backend.xp, "float64")
+    x = backend.asarray(np.round(model_input(5) * 2))  # rounded: ties and zeros in the pooled windows
+    labels = backend.asarray(LABELS)
+    with nn.layer_hook(lambda layer, direction, call: call()):
+        loss, dx, grads = loss_and_grads(model, x, labels)
+        assert model._fused_relus == frozenset()
+    fused_loss, fused_dx, fused_grads = loss_and_grads(model, x, labels)
+    assert model._fused_relus == {2, 8}
+    assert fused_loss == loss
+    np.testing.assert_array_equal(fused_dx, dx)
+    for name in grads:
+        np.testing.assert_array_equal(fused_grads[name], grads[name], err_msg=name)
+
+
+def test_a_fused_relu_keeps_what_its_own_backward_needs(backend):
+    """After a fused forward the ReLU holds its output, so calling its backward directly still masks right."""
+    pool, act = nn.MaxPool2d(2), nn.ReLU()
+    model = nn.Sequential(pool, act)
+    x = backend.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)))
+    y = model.forward(x)
+    assert model._fused_relus == {1}
+    dy = backend.asarray(np.ones((2, 3, 2, 2)))
+    np.testing.assert_array_equal(B.to_numpy(act.backward(dy)), (B.to_numpy(y) > 0).astype(float))
+    # Through the model, the pooling applies the ReLU: the same input gradient as the two backwards in turn.
+    np.testing.assert_array_equal(B.to_numpy(model.backward(dy)), B.to_numpy(pool.backward(act.backward(dy))))
+
+
+def test_layer_hook_sees_a_pooled_relu_as_its_own_layer():
+    model = nn.Sequential(nn.MaxPool2d(2), nn.ReLU())
+    calls = []
+
+    def hook(layer, direction, call):
+        calls.append((type(layer).__name__, direction))
+        return call()
+
+    with nn.layer_hook(hook):
+        model.backward(model.forward(np.zeros((1, 1, 4, 4))))
+    assert calls == [("MaxPool2d", "forward"), ("ReLU", "forward"), ("ReLU", "backward"), ("MaxPool2d", "backward")]
+
+
 def test_error_names_are_formatted_once():
     layer = nn.Linear(3, 2)
     assert layer.where == repr(layer) == "Linear(in_features=3, out_features=2, bias=True)"

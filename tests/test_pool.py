@@ -34,7 +34,10 @@ from portable_cnn.ops import (
     global_avg_pool2d_backward,
     max_pool2d,
     max_pool2d_backward,
+    max_pool2d_relu,
     out_size,
+    relu,
+    relu_backward,
 )
 
 
@@ -694,6 +697,66 @@ def test_dilated_window_wholly_in_padding_is_minus_inf_and_passes_no_gradient(ba
     assert backend.to_numpy(y).tolist() == [[[[-np.inf]]]]
     dx = max_pool2d_backward(backend.asarray(np.ones((1, 1, 1, 1))), argmax, x.shape, 2, padding=1, dilation=3)
     np.testing.assert_array_equal(backend.to_numpy(dx), np.zeros((1, 1, 2, 2)))
+
+
+# ------------------------------------------------------------------------------ max pooling fused with a ReLU
+
+
+def _pool_then_relu_unfused_and_fused(backend, cfg, x, dy):
+    """relu(max_pool2d(x)) and its backward, as two ops and as :func:`max_pool2d_relu`, on ``backend``."""
+    X, DY = backend.asarray(x), backend.asarray(dy)
+    options = cfg.options("max")
+    pooled, argmax = max_pool2d(X, **options)
+    y = relu(pooled)
+    dx = max_pool2d_backward(relu_backward(DY, pooled), argmax, X.shape, **options)
+    y_fused, argmax_fused = max_pool2d_relu(X, **options)
+    dx_fused = max_pool2d_backward(DY, argmax_fused, X.shape, **options)
+    as_np = backend.to_numpy
+    return ({"y": as_np(y), "dx": as_np(dx), "argmax": np.where(as_np(pooled) > 0, as_np(argmax), -1)},
+            {"y": as_np(y_fused), "dx": as_np(dx_fused), "argmax": as_np(argmax_fused)})
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+@pytest.mark.parametrize(("kind", "cfg"), [c for c in OPTION_CORNER_CASES if c[0] == "max"],
+                         ids=[i for c, i in zip(OPTION_CORNER_CASES, OPTION_CORNER_IDS) if c[0] == "max"])
+def test_max_pool2d_relu_is_relu_after_max_pool2d_bit_for_bit(backend, kind, cfg, fast_paths):
+    """Section 7.4: the fused op's output, argmax (-1 where the ReLU stops) and gradient equal the two ops'.
+
+    The input is rounded (ties, zeros, windows whose maximum is 0 or negative)
+    and holds a NaN, -inf and +inf; every option and layout of the corners.
+    """
+    x, dy = cfg.arrays(kind)
+    x = np.round(x)
+    flat = x.reshape(-1)  # a view for every layout but "strided" (a copy there: values then unchanged)
+    if flat.size >= 3 and np.shares_memory(flat, x):
+        flat[:3] = [np.nan, -np.inf, np.inf]
+    with config_context(fast_paths=fast_paths):
+        unfused, fused = _pool_then_relu_unfused_and_fused(backend, cfg, x, dy)
+    for name in unfused:
+        np.testing.assert_array_equal(fused[name], unfused[name], err_msg=name)
+    assert cfg.N == 0 or (fused["argmax"] == -1).any()
+
+
+@settings(max_examples=20, **FIXTURE_SETTINGS)
+@given(cfg=option_configs("max"))
+def test_max_pool2d_relu_is_relu_after_max_pool2d_for_random_options(cfg):
+    """Section 7.4: on NumPy's kernels and on the reference, the fused op equals the two ops for any options."""
+    x, dy = cfg.arrays("max")
+    for fast_paths in (True, False):
+        with config_context(fast_paths=fast_paths):
+            unfused, fused = _pool_then_relu_unfused_and_fused(make_backend("numpy"), cfg, x, dy)
+        for name in unfused:
+            np.testing.assert_array_equal(fused[name], unfused[name], err_msg=name)
+
+
+def test_max_pool2d_relu_is_numpys_own_kernel_and_the_references_composition():
+    """NumPy registers a fused kernel for max_pool2d_relu; the reference composes the two ops."""
+    xp = make_backend("numpy").xp
+    assert dispatch.kernel("max_pool2d_relu_forward", xp, np.dtype("float32")).__module__ == \
+        "portable_cnn.kernels.numpy.pool"
+    with config_context(fast_paths=False):
+        assert dispatch.kernel("max_pool2d_relu_forward", xp, np.dtype("float32")).__module__ == \
+            "portable_cnn.kernels.reference.pool"
 
 
 # ------------------------------------------------------------------------------ adaptive and global pooling

@@ -18,6 +18,7 @@ from .pool import (
     global_avg_pool2d_backward,
     max_pool2d,
     max_pool2d_backward,
+    max_pool2d_relu,
 )
 from .softmax import (
     log_softmax,
@@ -55,6 +56,7 @@ __all__ = [
     "log_softmax_backward",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_relu",
     "one_hot",
     "out_size",
     "relu",

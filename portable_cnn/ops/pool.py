@@ -32,6 +32,7 @@ from ._checks import check_float, namespace_of
 
 __all__ = [
     "max_pool2d",
+    "max_pool2d_relu",
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
@@ -116,9 +117,30 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return _unbatch(y, unbatched), _unbatch(argmax, unbatched)
 
 
+def max_pool2d_relu(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *, where="max_pool2d"):
+    """``relu(max_pool2d(x))`` in one pass, for a ReLU that follows a max pooling (``nn.Sequential`` fuses them).
+
+    The options are :func:`max_pool2d`'s. ``argmax`` is ``-1`` where the
+    output is not positive: there the ReLU stops the gradient, and
+    :func:`max_pool2d_backward` sends nothing from a ``-1``, so it gives the
+    gradient of the pair (docs/derivation.md, section 7.4).
+
+    >>> import numpy as np
+    >>> y, argmax = max_pool2d_relu(np.array([[[[-1.0, -2.0], [3.0, 4.0]], [[-1.0, -2.0], [-3.0, 0.0]]]]), 2)
+    >>> y.ravel(), argmax.ravel()
+    (array([4., 0.]), array([ 3, -1], dtype=int8))
+    """
+    xp, xb, unbatched = _input(x, where)
+    g = PoolGeometry.of(xb.shape, kernel_size, stride, padding, where, dilation=dilation, ceil_mode=ceil_mode)
+    y, argmax = dispatch.kernel("max_pool2d_relu_forward", xp, x.dtype)(xp, xb, g)
+    return _unbatch(y, unbatched), _unbatch(argmax, unbatched)
+
+
 def max_pool2d_backward(dy, argmax, x_shape, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
                         where="max_pool2d"):
     """Gradient of :func:`max_pool2d`, with its options: ``dy`` goes to the first maximum of each window.
+
+    An ``argmax`` of ``-1`` (from :func:`max_pool2d_relu`) sends nothing.
 
     Returns
     -------

@@ -22,6 +22,7 @@ KERNELS = {
     "conv2d_forward": (_FLOATS, conv.conv2d_forward),
     "conv2d_backward": (_FLOATS, conv.conv2d_backward),
     "max_pool2d_forward": (_FLOATS, pool.max_pool2d_forward),
+    "max_pool2d_relu_forward": (_FLOATS, pool.max_pool2d_relu_forward),
     "max_pool2d_backward": (_FLOATS, pool.max_pool2d_backward),
     "avg_pool2d_forward": (_FLOATS, pool.avg_pool2d_forward),
     "avg_pool2d_backward": (_FLOATS, pool.avg_pool2d_backward),

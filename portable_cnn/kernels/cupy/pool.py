@@ -18,6 +18,7 @@ from .compile import channels_last, cupy_runner, nchw_output, strides
 
 __all__ = [
     "max_pool2d_forward",
+    "max_pool2d_relu_forward",
     "max_pool2d_backward",
     "avg_pool2d_forward",
     "avg_pool2d_backward",
@@ -51,14 +52,20 @@ def max_pool2d_forward(xp, x, g):
         return max_pool2d_forward_on(cupy_runner(), x, g)
 
 
-def max_pool2d_forward_on(run, x, g):
-    """:func:`max_pool2d_forward` on the :class:`~.compile.KernelRunner` ``run``."""
+def max_pool2d_relu_forward(xp, x, g):
+    """``(relu(y), argmax)``, argmax ``-1`` where the ReLU stops the gradient: the same kernel, one launch."""
+    with x.device:
+        return max_pool2d_forward_on(cupy_runner(), x, g, relu=True)
+
+
+def max_pool2d_forward_on(run, x, g, relu=False):
+    """:func:`max_pool2d_forward` (with ``relu``, :func:`max_pool2d_relu_forward`) on the runner ``run``."""
     last = channels_last(x)
     y, y_flat = nchw_output(run.lib, g.N, g.C, g.P, g.Q, x.dtype, last)
     argmax, argmax_flat = nchw_output(run.lib, g.N, g.C, g.P, g.Q, np.int64, last)
     lowest = np.array(-np.inf, dtype=x.dtype)[()]  # the kernel's T
     run.launch("max_pool2d_forward", x.dtype, y_flat.size, (x, y_flat, argmax_flat), _max_ints(g),
-               (*strides(x), np.int32(last), lowest))
+               (*strides(x), np.int32(last), lowest, np.int32(relu)))
     return y, argmax
 
 

@@ -15,6 +15,7 @@ KERNELS = {
     "conv2d_forward": (None, conv.conv2d_forward),
     "conv2d_backward": (None, conv.conv2d_backward),
     "max_pool2d_forward": (None, pool.max_pool2d_forward),
+    "max_pool2d_relu_forward": (None, pool.max_pool2d_relu_forward),
     "max_pool2d_backward": (None, pool.max_pool2d_backward),
     "avg_pool2d_forward": (None, pool.avg_pool2d_forward),
     "avg_pool2d_backward": (None, pool.avg_pool2d_backward),

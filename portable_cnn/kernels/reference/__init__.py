@@ -17,6 +17,7 @@ KERNELS = {
     "conv2d_forward": conv.conv2d_forward,
     "conv2d_backward": conv.conv2d_backward,
     "max_pool2d_forward": pool.max_pool2d_forward,
+    "max_pool2d_relu_forward": pool.max_pool2d_relu_forward,
     "max_pool2d_backward": pool.max_pool2d_backward,
     "avg_pool2d_forward": pool.avg_pool2d_forward,
     "avg_pool2d_backward": pool.avg_pool2d_backward,

@@ -21,6 +21,7 @@ from .windows import scatter_add_taps, tap_slices
 
 __all__ = [
     "max_pool2d_forward",
+    "max_pool2d_relu_forward",
     "max_pool2d_backward",
     "avg_pool2d_forward",
     "avg_pool2d_backward",
@@ -53,8 +54,20 @@ def max_pool2d_forward(xp, x, g):
     return xp.max(windows, axis=-1), xp.argmax(windows, axis=-1)  # (N, C, P, Q) each
 
 
+def max_pool2d_relu_forward(xp, x, g):
+    """``(relu(y), argmax)`` of :func:`max_pool2d_forward`, argmax ``-1`` where the ReLU stops the gradient.
+
+    ``-1`` matches no tap, so :func:`max_pool2d_backward` sends nothing from
+    a window whose maximum is not positive: the gradient of relu after max
+    pooling (docs/derivation.md, section 7.4).
+    """
+    y, argmax = max_pool2d_forward(xp, x, g)
+    passes = y > 0
+    return xp.where(passes, y, xp.zeros_like(y)), xp.where(passes, argmax, xp.full_like(argmax, -1))
+
+
 def max_pool2d_backward(xp, dy, argmax, g):
-    """``dx`` ``(N, C, H, W)``: each ``dy`` goes to its window's first maximum."""
+    """``dx`` ``(N, C, H, W)``: each ``dy`` goes to its window's first maximum (nowhere for argmax ``-1``)."""
     zeros = xp.zeros_like(dy)
     taps = (xp.where(argmax == k, dy, zeros) for k in range(g.taps))  # R*S x (N, C, P, Q)
     return _scatter_taps(xp, taps, g, dy)

@@ -8,13 +8,16 @@
 // y = the largest of the window (padding is -inf), argmax = r*S + s of its
 // first occurrence; a NaN wins over numbers and the first NaN is kept, as
 // max/argmax do. A dilated window wholly in padding gives -inf and argmax 0.
+// With relu set, the ReLU that follows is applied too: a y that is not
+// positive (NaN included, as the ReLU kernel) becomes 0 and its argmax -1,
+// which the backward matches to no tap (docs/derivation.md, section 7.4).
 template <typename T, typename I>
 __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y, long long* __restrict__ argmax,
                                    const I total, const int C, const int H, const int W, const int R, const int S,
                                    const int P, const int Q, const int u, const int v, const int a, const int b,
                                    const int dh, const int dw,
                                    const long long sN, const long long sC, const long long sH, const long long sW,
-                                   const int channels_last, const T lowest) {
+                                   const int channels_last, const T lowest, const int relu) {
     GRID_LOOP(i, total) {
         int c, p, q;
         const long long n = split_index<I>(i, C, P, Q, channels_last, c, p, q);
@@ -31,6 +34,10 @@ __global__ void max_pool2d_forward(const T* __restrict__ x, T* __restrict__ y, l
                     best_k = r * S + s;
                 }
             }
+        }
+        if (relu && !(best > (T)0)) {
+            best = (T)0;
+            best_k = -1;
         }
         y[i] = best;
         argmax[i] = best_k;
