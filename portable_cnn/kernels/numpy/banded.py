@@ -2,7 +2,7 @@
 
 im2col copies each input value ``R*S`` times, and for a layer of few input
 channels its GEMM is thin: lenet's first layer multiplies an ``(N*P*Q, 25)``
-matrix by a ``(25, 6)`` one, at about a tenth of a core's GEMM speed. Here
+matrix by a ``(25, 6)`` one, at about an eighth of a core's GEMM speed. Here
 the output row is cut into tiles of ``T`` columns, and each tile is one
 product of an ``(R, T+S-1, C)`` window of the padded channels-last input,
 ``R`` contiguous runs of ``(T+S-1)*C`` floats, with a banded weight
@@ -11,8 +11,9 @@ product of an ``(R, T+S-1, C)`` window of the padded channels-last input,
     B[r, t + s, c, t, k] = w[k, c, r, s]          (zero off the band)
     y[n, p, q0 + t, k]   = sum_{r, w', c} xpad[n, p + r, q0 + w', c] * B[r, w', c, t, k]
 
-so the input is copied ``R`` times with ``S`` folded into the band, and the
-GEMMs are ``T*K`` wide (lenet's first layer: 14 x 6 = 84 instead of 6).
+so the input is copied ``R*(T+S-1)/T`` times instead of ``R*S``, with ``S``
+folded into the band, and the GEMMs are ``T*K`` wide (lenet's first layer:
+7 x 6 = 42 instead of 6).
 The band costs ``(T+S-1)/S`` times the multiply-adds of im2col: worth it
 only where the thin GEMM runs far slower than that (``use``). The
 backward is the same band transposed: ``dY @ B.T`` gives each tile's input
