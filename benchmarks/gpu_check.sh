@@ -222,9 +222,12 @@ run_step "issue 15: cupy vgg-small batch 256 with PORTABLE_CNN_WORKSPACE_MB=64" 
     env PORTABLE_CNN_WORKSPACE_MB=64 "$PYTHON" -m portable_cnn bench --backends cupy --nets vgg-small \
     --batch-sizes 256 --modes train --repeats 5 --warmup 2 --repeat-seconds 0.15 --max-seconds 5 \
     --json "$out/workspace64.json"
+# With a per-layer breakdown of the NumPy step on every core: where the 16-core
+# gap lies (never profiled there yet).
 run_step "issue 15: numpy vs PyTorch CPU on every core, vgg-small and lenet, batch 256" 150 \
     "$PYTHON" -m portable_cnn bench --backends numpy --nets vgg-small,lenet --batch-sizes 256 --modes train \
     --dtypes float32 --repeats 5 --warmup 1 --repeat-seconds 0.5 --max-seconds 30 \
+    --breakdown --breakdown-backends numpy --breakdown-steps 3 \
     --json "$out/cpu16.json" --markdown "$out/cpu16.md"
 
 # The same 16 cores as data-parallel processes (the carried mpi4py and MPICH
