@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -471,3 +472,19 @@ def test_the_batchnorm_nets_are_measured_and_checked(tmp_path, capsys):
         # Global average pooling is pooling, the identity shortcut elementwise: nothing falls into "other".
         assert {"conv backward-data", "batch norm", "pooling"} <= rows and "other" not in rows, result["net"]
     assert [result["net"] for result in data["breakdown"]] == list(nets)
+
+
+def test_ab_steps_compares_a_revision_with_the_checkout(tmp_path):
+    """benchmarks/ab_steps.py exports HEAD's package under another name and times both (a row, no figure checked)."""
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("no git checkout: benchmarks/ab_steps.py exports a revision with git archive")
+    script = [sys.executable, str(repo / "benchmarks" / "ab_steps.py")]
+    done = subprocess.run([*script, "--base", "HEAD", "--nets", "digits", "--batch-sizes", "2", "--rounds", "2",
+                           "--steps", "1", "--threads", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| digits | 2 |")]
+    assert len(rows) == 1 and rows[0].endswith("| 2 x 1 |"), done.stdout
+    bad = subprocess.run([*script, "--base", "no-such-revision"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--base 'no-such-revision'" in bad.stderr
