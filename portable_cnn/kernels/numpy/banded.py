@@ -77,14 +77,21 @@ def tile_width(g) -> int:
     return max(t for t in range(1, g.Q + 1) if g.Q % t == 0 and (t + g.S - 1 <= _MAX_OVERHEAD * g.S or t == 1))
 
 
-def _band(weight, g, T):
-    """``(K, C, R, S)`` as the banded ``(R*(T+S-1)*C, T*K)``: ``B[r, t+s, c, t, k] = w[k, c, r, s]``."""
+def _band(weight, g, T, bias=None):
+    """``(K, C, R, S)`` as the banded ``(R*(T+S-1)*C, T*K)``: ``B[r, t+s, c, t, k] = w[k, c, r, s]``.
+
+    With ``bias``, one more row, the bias of each ``(t, k)``, for the unfolded rows' ones column.
+    """
     R, S, C, K = g.R, g.S, g.C, g.K
-    band = np.zeros((R, T + S - 1, C, T, K), dtype=weight.dtype)  # (R, T+S-1, C, T, K)
+    inner = R * (T + S - 1) * C
+    out = np.zeros((inner + (bias is not None), T * K), dtype=weight.dtype)
+    band = out[:inner].reshape(R, T + S - 1, C, T, K)  # (R, T+S-1, C, T, K)
     w_rsck = weight.transpose(2, 3, 1, 0)  # (R, S, C, K)
     for t in range(T):
         band[:, t : t + S, :, t, :] = w_rsck
-    return band.reshape(R * (T + S - 1) * C, T * K)
+    if bias is not None:
+        out[inner] = np.tile(bias, T)
+    return out
 
 
 def _windows(xpad, g, T):
@@ -119,26 +126,40 @@ def forward(xpad, weight, bias, g, buffer=_scratch):
     """
     N, P, Q, K = g.N, g.P, g.Q, g.K
     T = tile_width(g)
-    band = _band(weight, g, T)  # (R*(T+S-1)*C, T*K)
+    band = _band(weight, g, T, bias)  # (R*(T+S-1)*C [+ 1], T*K)
     windows = _windows(xpad, g, T)  # (N, P, Q/T, R, T+S-1, C)
     y = np.empty((N, P, Q, K), dtype=xpad.dtype)  # (N, P, Q, K)
-    bias_row = None if bias is None else np.tile(bias, Q)  # (Q*K,)
     block = _samples_per_block(g, T, xpad.itemsize)
 
     def work(lo, hi, slot):
-        buf = buffer((min(block, hi - lo),) + windows.shape[1:], xpad.dtype, f"banded.{slot}")
+        unfold = _unfolder(buffer, windows, block, lo, hi, slot, ones=bias is not None)
         for i in range(lo, hi, block):
             j = min(hi, i + block)
-            x_block = buf[: j - i]
-            np.copyto(x_block, windows[i:j])
             rows = (j - i) * P * (Q // T)
-            np.matmul(x_block.reshape(rows, band.shape[0]), band, out=y[i:j].reshape(rows, T * K))  # (rows, T*K)
-            if bias_row is not None:
-                y_rows = y[i:j].reshape((j - i) * P, Q * K)
-                y_rows += bias_row
+            np.matmul(unfold(i, j), band, out=y[i:j].reshape(rows, T * K))  # (rows, T*K)
 
     batch_parallel(work, N, flops=_flops(g, T, xpad.itemsize))
     return y
+
+
+def _unfolder(buffer, windows, block, lo, hi, slot, *, ones):
+    """``unfold(i, j)``: samples ``i:j``'s rows ``(rows, R*(T+S-1)*C [+ 1])`` in this thread's buffer.
+
+    With ``ones`` each row ends in a 1, which meets the band's bias row: the
+    forward adds the bias in its GEMM and the backward's ``X.T @ dY`` sums
+    the bias gradient, with no pass of their own over the output.
+    """
+    inner = windows.shape[3] * windows.shape[4] * windows.shape[5]  # R*(T+S-1)*C
+    buf = buffer((min(block, hi - lo),) + windows.shape[1:3] + (inner + ones,), windows.dtype, f"banded.{slot}")
+    if ones:
+        buf[..., inner] = 1
+
+    def unfold(i, j):
+        x_block = buf[: j - i]
+        np.copyto(x_block[..., :inner].reshape((j - i,) + windows.shape[1:]), windows[i:j])
+        return x_block.reshape(-1, inner + ones)
+
+    return unfold
 
 
 def backward(dyt, xpad, weight, g, has_bias, need_input_grad, buffer=_scratch):
@@ -150,37 +171,31 @@ def backward(dyt, xpad, weight, g, has_bias, need_input_grad, buffer=_scratch):
     windows = _windows(xpad, g, T)  # (N, P, Q/T, R, Tw, C)
     block = _samples_per_block(g, T, xpad.itemsize)
     dxpad = np.zeros(xpad.shape, dtype=dyt.dtype) if need_input_grad else None  # (N, H+2a, W+2b, C)
-    partial_band, partial_db = {}, {}
+    partial = {}
 
     def work(lo, hi, slot):
-        buf = buffer((min(block, hi - lo),) + windows.shape[1:], xpad.dtype, f"banded.{slot}")
-        dband = np.zeros(band.shape, dtype=xpad.dtype)  # (R*Tw*C, T*K)
-        db = np.zeros(T * K, dtype=xpad.dtype)
-        ones = np.ones(min(block, hi - lo) * P * tiles, dtype=xpad.dtype)
+        unfold = _unfolder(buffer, windows, block, lo, hi, slot, ones=has_bias)
+        dband = np.zeros((band.shape[0] + has_bias, T * K), dtype=xpad.dtype)  # (R*Tw*C [+ 1], T*K)
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             rows = (j - i) * P * tiles
-            x_block = buf[: j - i]
-            np.copyto(x_block, windows[i:j])
             dy2 = dyt[i:j].reshape(rows, T * K)  # (rows, T*K)
-            dband += x_block.reshape(rows, band.shape[0]).T @ dy2
-            db += ones[:rows] @ dy2
+            dband += unfold(i, j).T @ dy2  # with has_bias, its last row the sums of dy2's columns
             if dxpad is not None:
                 dwin = (dy2 @ band.T).reshape(j - i, P, tiles, R, Tw, C)  # each tile's window gradient
                 for r in range(R):
                     for t in range(tiles):  # in turn: a tile's last S-1 columns are the next one's first
                         dxpad[i:j, r : r + P, t * T : t * T + Tw, :] += dwin[:, :, t, r]
-        partial_band[slot], partial_db[slot] = dband, db
+        partial[slot] = dband
 
     batch_parallel(work, N, flops=(3 if need_input_grad else 2) * _flops(g, T, xpad.itemsize))
-    dband, db = partial_band.pop(0), partial_db.pop(0)
-    for slot in partial_band:
-        dband += partial_band[slot]
-        db += partial_db[slot]
-    dband5 = dband.reshape(R, Tw, C, T, K)
+    dband = partial.pop(0)
+    for slot in partial:
+        dband += partial[slot]
+    dband5 = dband[: band.shape[0]].reshape(R, Tw, C, T, K)
     dw_rsck = np.zeros((R, S, C, K), dtype=dband.dtype)
     for t in range(T):  # the band's diagonals: w' = t + s
         dw_rsck += dband5[:, t : t + S, :, t, :]
     dweight = np.ascontiguousarray(dw_rsck.transpose(3, 2, 0, 1))  # (K, C, R, S)
-    dbias = db.reshape(T, K).sum(axis=0) if has_bias else None
+    dbias = dband[-1].reshape(T, K).sum(axis=0) if has_bias else None
     return dxpad, dweight, dbias
