@@ -39,7 +39,7 @@ __all__ = ["use", "tile_width", "forward", "backward"]
 _BLOCK_BYTES = 2 << 20
 # Layers of at most this many input and output channels run here (2 threads,
 # batch 128, forward and backward: lenet's 1->6 and 6->16 5x5 layers 1.5x
-# and 1.4x, resnet20's 3->16 3x3 input layer 1.4x as fast as im2col; not
+# and 1.4x, resnet20's 3->16 3x3 input layer 1.3x as fast as im2col; not
 # resnet20's 16->16, 0.88x, nor vgg-small's 3->32 forward, 0.72x).
 _MAX_C = 8
 _MAX_K = 16
