@@ -111,10 +111,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     >>> max_pool2d(np.arange(25.0).reshape(1, 5, 5), 2, ceil_mode=True)[0].shape
     (1, 3, 3)
     """
-    xp, xb, unbatched = _input(x, where)
-    g = PoolGeometry.of(xb.shape, kernel_size, stride, padding, where, dilation=dilation, ceil_mode=ceil_mode)
-    y, argmax = dispatch.kernel("max_pool2d_forward", xp, x.dtype)(xp, xb, g)
-    return _unbatch(y, unbatched), _unbatch(argmax, unbatched)
+    return _max_pool("max_pool2d_forward", x, kernel_size, stride, padding, dilation, ceil_mode, where)
 
 
 def max_pool2d_relu(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *, where="max_pool2d"):
@@ -130,9 +127,14 @@ def max_pool2d_relu(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mod
     >>> y.ravel(), argmax.ravel()
     (array([4., 0.]), array([ 3, -1], dtype=int8))
     """
+    return _max_pool("max_pool2d_relu_forward", x, kernel_size, stride, padding, dilation, ceil_mode, where)
+
+
+def _max_pool(op, x, kernel_size, stride, padding, dilation, ceil_mode, where):
+    """``(y, argmax)`` of the forward kernel ``op`` (plain or with the ReLU), batched or not as ``x``."""
     xp, xb, unbatched = _input(x, where)
     g = PoolGeometry.of(xb.shape, kernel_size, stride, padding, where, dilation=dilation, ceil_mode=ceil_mode)
-    y, argmax = dispatch.kernel("max_pool2d_relu_forward", xp, x.dtype)(xp, xb, g)
+    y, argmax = dispatch.kernel(op, xp, x.dtype)(xp, xb, g)
     return _unbatch(y, unbatched), _unbatch(argmax, unbatched)
 
 
