@@ -63,13 +63,14 @@ def _output_grad(y):
     return xp.reshape(xp.cos(steps), tuple(y.shape))  # (shape of y)
 
 
-def _conv(x_shape, w_shape, **options):
+def _conv(x_shape, w_shape, relu=False, **options):
     def make(rng):
         return {"x": _floats(rng, *x_shape), "weight": _floats(rng, *w_shape), "bias": _floats(rng, w_shape[0])}
 
     def compute(x, weight, bias):
-        y, cols = ops.conv2d(x, weight, bias, return_cols=True, **options)
-        dx, dweight, dbias = ops.conv2d_backward(_output_grad(y), x, weight, cols=cols, **options)
+        y, cols = ops.conv2d(x, weight, bias, relu=relu, return_cols=True, **options)
+        dx, dweight, dbias = ops.conv2d_backward(_output_grad(y), x, weight, cols=cols,
+                                                 relu_output=y if relu else None, **options)
         return {"y": y, "dx": dx, "dweight": dweight, "dbias": dbias}
 
     return make, compute
@@ -220,6 +221,7 @@ CASES = {
     "conv2d": _conv((2, 3, 7, 6), (4, 3, 3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
     "conv2d grouped": _conv((2, 4, 6, 6), (6, 2, 3, 3), padding=1, groups=2),
     "conv2d depthwise": _conv((2, 4, 7, 7), (8, 1, 3, 3), stride=2, padding=1, groups=4),
+    "conv2d then relu": _conv((2, 3, 7, 6), (4, 3, 3, 3), relu=True, padding=1),
     "max_pool2d": _max_pool((2, 3, 7, 7), 3, 2, 1, ceil_mode=True),
     "max_pool2d dilation": _max_pool((2, 3, 9, 8), 2, 1, 0, dilation=2),
     "max_pool2d then relu": _max_pool((2, 3, 7, 7), 3, 2, 1, relu=True, ceil_mode=True),

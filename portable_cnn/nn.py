@@ -364,25 +364,30 @@ class Conv2d(Module):
             f"padding={self.padding}, dilation={self.dilation}{groups}, bias={'bias' in self.params}"
         )
 
-    def forward(self, x):
+    def forward(self, x, *, relu=False):
+        """``y``; with ``relu``, ``relu(y)`` as the output is written (``ops.conv2d(relu=True)``).
+
+        The backward is then that of the pair: :class:`Sequential` fuses a
+        ``ReLU`` that follows this layer so, and skips the ReLU's backward.
+        """
         self._check_param_shapes()
         y, cols = ops.conv2d(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding, self.dilation, self.groups,
-            return_cols=True, workspace=self._workspace, where=self.where,
+            relu=relu, return_cols=True, workspace=self._workspace, where=self.where,
         )
-        # Training keeps the im2col matrix for dW; evaluation keeps only x.
-        self._cache = (x, cols if self.training else None)
+        # Training keeps the im2col matrix for dW; evaluation keeps only x. A fused ReLU's mask is y > 0.
+        self._cache = (x, cols if self.training else None, y if relu else None)
         return y
 
     def backward(self, dy, need_input_grad=True):
-        x, cols = self._saved("_cache")
+        x, cols, relu_output = self._saved("_cache")
         # The columns serve this backward only. Dropping them here frees each layer's (on CuPy, device memory)
         # as soon as its backward has run, rather than at the next forward, which would otherwise hold two
         # sets at once; x stays, so a second backward unfolds it again.
-        self._cache = (x, None)
+        self._cache = (x, None, relu_output)
         dx, self.grads["weight"], db = ops.conv2d_backward(
             dy, x, self.params["weight"], self.stride, self.padding, self.dilation, self.groups,
-            cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad,
+            cols=cols, has_bias="bias" in self.params, need_input_grad=need_input_grad, relu_output=relu_output,
             workspace=self._workspace, where=self.where,
         )
         if db is not None:
@@ -687,7 +692,7 @@ class Sequential(Module):
                 raise TypeError(f"Sequential: layer {i} must be a portable_cnn.nn.Module, got {type(layer).__name__}")
             self.add_module(str(i), layer)
         self.layers = list(layers)
-        self._fused_relus = frozenset()  # indices of the ReLUs the last forward fused into a pooling
+        self._fused_relus = frozenset()  # indices of the ReLUs the last forward fused into the layer before
 
     def __len__(self):
         return len(self.layers)
@@ -703,18 +708,20 @@ class Sequential(Module):
         return f"Sequential({inner}\n)"
 
     def forward(self, x):
-        """The layers in order; a ``MaxPool2d`` and the ``ReLU`` after it run as one pass.
+        """The layers in order; a ``Conv2d`` or ``MaxPool2d`` and the ``ReLU`` after it run as one op.
 
-        The pair is :func:`portable_cnn.ops.max_pool2d_relu`: the same output
-        and gradients (docs/derivation.md, section 7.4) with no pass of the
-        ReLU's own, forward or backward. Under :func:`layer_hook` every layer
-        runs on its own, so that a profiler sees each.
+        The pairs are ``ops.conv2d(relu=True)`` and
+        :func:`portable_cnn.ops.max_pool2d_relu`: the same output and
+        gradients, bit for bit (docs/derivation.md, sections 5c and 7.4),
+        with no pass of the ReLU's own, forward or backward. Under
+        :func:`layer_hook` every layer runs on its own, so that a profiler
+        sees each.
         """
         layers, fused = self.layers, []
         i = 0
         while i < len(layers):
             layer = layers[i]
-            if _hook is None and i + 1 < len(layers) and _pool_then_relu(layer, layers[i + 1]):
+            if _hook is None and i + 1 < len(layers) and _fuses_relu(layer, layers[i + 1]):
                 x = layers[i + 1]._fused(layer.forward(x, relu=True))
                 fused.append(i + 1)
                 i += 2
@@ -730,8 +737,8 @@ class Sequential(Module):
         With ``need_input_grad=False`` (training on data, whose gradient nobody
         reads) the first module is told so: a Conv2d or Linear then skips its
         input gradient, one GEMM and a col2im, and ``None`` is returned. A
-        ReLU the forward fused into its max pooling is skipped: the pooling's
-        backward applies it.
+        ReLU the forward fused into the convolution or max pooling before it
+        is skipped: that layer's backward applies it.
         """
         last = len(self.layers) - 1
         fused = self._fused_relus if _hook is None else frozenset()
@@ -744,9 +751,9 @@ class Sequential(Module):
         return dy
 
 
-def _pool_then_relu(layer, after) -> bool:
-    """A ``MaxPool2d`` followed by a ``ReLU`` (exactly these classes): a pair the forward fuses."""
-    return type(layer) is MaxPool2d and type(after) is ReLU
+def _fuses_relu(layer, after) -> bool:
+    """A ``Conv2d`` or ``MaxPool2d`` followed by a ``ReLU`` (exactly these classes): a pair the forward fuses."""
+    return type(layer) in (Conv2d, MaxPool2d) and type(after) is ReLU
 
 
 class Identity(Module):

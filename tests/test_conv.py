@@ -16,7 +16,7 @@ from gradcheck import assert_grad_close, numerical_grad, projected_loss
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from portable_cnn import config_context, dispatch, nn
+from portable_cnn import config_context, dispatch, nn, ops
 from portable_cnn.geometry import ConvGeometry
 from portable_cnn.kernels.numpy import banded as numpy_banded
 from portable_cnn.kernels.numpy import conv as numpy_conv
@@ -910,3 +910,125 @@ def test_a_backward_takes_the_kept_columns_and_frees_them_before_the_input_gradi
     for a, b in zip(got[:2], again[:2]):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert saved.take("another layout") is None
+
+
+# ---------------------------------------------------------------- section 5c: the ReLU fused into the convolution
+
+
+def _halves(cfg: ConvConfig, dtype: str):
+    """``cfg.arrays()`` in ``dtype`` with x, W and b in halves: every sum exact, so y has exact zeros (ties)."""
+    x, w, b, dy = cfg.arrays()
+    x, w, b = (np.round(t * 2) / 2 for t in (x, w, b))
+    return tuple(np.asarray(t, dtype=dtype) for t in (x, w, b, dy))
+
+
+def _relu_fused_and_apart(backend, cfg: ConvConfig, dtype: str, layout="contiguous", workspace=None):
+    """``(fused, apart)``: dicts of y, dx, dW, db (and dW, db without the input gradient) as NumPy.
+
+    Fused: ``conv2d(relu=True)`` and ``conv2d_backward(relu_output=y)``, the
+    forward's columns passed on. Apart: ``relu(conv2d)`` and the ReLU's
+    backward, then the convolution's.
+    """
+    x, w, b, dy = _halves(cfg, dtype)
+    if layout == "channels_last":
+        x, dy = channels_last(x), channels_last(dy)
+    X, Wt, Bt, DY = (backend.asarray(t) for t in (x, w, b, dy))
+    opts = cfg.conv_options
+    y, cols = conv2d(X, Wt, Bt, relu=True, return_cols=True, workspace=workspace, **opts)
+    dx, dw, db = conv2d_backward(DY, X, Wt, cols=cols, relu_output=y, workspace=workspace, **opts)
+    _, dw_alone, db_alone = conv2d_backward(DY, X, Wt, need_input_grad=False, relu_output=y, workspace=workspace,
+                                            **opts)
+    fused = {"y": y, "dx": dx, "dw": dw, "db": db, "dw_alone": dw_alone, "db_alone": db_alone}
+    z = conv2d(X, Wt, Bt, **opts)
+    dz = ops.relu_backward(DY, z)
+    dx, dw, db = conv2d_backward(dz, X, Wt, **opts)
+    _, dw_alone, db_alone = conv2d_backward(dz, X, Wt, need_input_grad=False, **opts)
+    apart = {"y": ops.relu(z), "dx": dx, "dw": dw, "db": db, "dw_alone": dw_alone, "db_alone": db_alone}
+    return ({k: np.array(backend.to_numpy(t)) for k, t in fused.items()},
+            {k: np.array(backend.to_numpy(t)) for k, t in apart.items()})
+
+
+def _assert_relu_fusion_exact(backend, cfg, dtype, layout="contiguous", workspace=None):
+    """y bit for bit; the gradients too for channels-last dy (as layers pass it), else to rounding.
+
+    NumPy masks a contiguous copy of each block of dy; from an NCHW dy the
+    composition's sums read a strided matrix, which BLAS may add in another order.
+    """
+    fused, apart = _relu_fused_and_apart(backend, cfg, dtype, layout, workspace)
+    for name in apart:
+        assert fused[name].dtype == np.dtype(dtype), name
+        if name == "y" or layout == "channels_last":
+            np.testing.assert_array_equal(fused[name], apart[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(fused[name], apart[name], err_msg=name, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=10, **FIXTURE_SETTINGS)
+@given(cfg=grouped_conv_configs(max_hw=6, max_kernel=3), layout=st.sampled_from(["contiguous", "channels_last"]))
+@example(cfg=UNEVEN, layout="contiguous")
+@example(cfg=WIDE_PADDING, layout="channels_last")
+@_group_cases(layout="channels_last")
+def test_conv2d_relu_is_the_relu_of_conv2d_bit_for_bit(backend, dtype, cfg, layout):
+    """Section 5c: conv2d(relu=True) is relu(conv2d), and conv2d_backward(relu_output=y) is the ReLU's backward
+    then the convolution's, on every backend (ties at zero included: y is exact in halves)."""
+    _assert_relu_fusion_exact(backend, cfg, dtype, layout)
+
+
+# NumPy's paths for a fused ReLU: dx as a convolution (the masked dy written into the padded buffer block by
+# block), dx by col2im, one input channel (taps-first columns), the banded product, depthwise.
+RELU_PATHS = {
+    "dx-as-convolution": ConvConfig(5, 9, 4, 6, 5, 3, 3, 1, 1, 1, 1, 1, 1, seed=21),  # C = 9: not banded
+    "dx-as-convolution-unpadded": ConvConfig(5, 9, 4, 6, 5, 3, 2, 1, 1, 0, 0, 1, 1, seed=22),
+    "dx-by-col2im": UNEVEN._replace(N=5),
+    "one-channel": UNEVEN._replace(N=5, C=1),
+    "banded": BANDED_CASES["lenet-second"],
+    "depthwise": DEPTHWISE._replace(N=5),
+}
+
+
+@pytest.mark.parametrize("name", list(RELU_PATHS))
+def test_conv2d_relu_on_every_numpy_path_in_blocks_threads_and_reused_buffers(name, monkeypatch,
+                                                                              banded_at_any_batch):
+    """Section 5c: NumPy's fused ReLU with one sample per block on two threads, and buffers reused across
+    calls, fused or not, with other inputs: the composition's numbers, bit for bit."""
+    monkeypatch.setattr(numpy_conv, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_banded, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_depthwise, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(numpy_parallel, "_MIN_FLOPS_PER_THREAD", 1)  # threads even for these small problems
+    cfg = RELU_PATHS[name]
+    g = _geometry(cfg)
+    assert numpy_banded.use(g, 8) == (name == "banded") and g.depthwise == (name == "depthwise")
+    numpy = make_backend("numpy")
+    workspace = {}
+    with config_context(num_threads=2):
+        for seed_offset in (0, 7):
+            case = cfg._replace(seed=cfg.seed + seed_offset)
+            _assert_relu_fusion_exact(numpy, case, "float64", "channels_last", workspace)
+            y = conv2d(*_halves(case, "float64")[:3], **case.conv_options)
+            assert (y == 0).any() and (y < 0).any() and (y > 0).any(), "the ReLU should stop some outputs, ties too"
+            x, w, b, dy = _halves(case, "float64")
+            conv2d_backward(dy, x, w, workspace=workspace, **case.conv_options)  # the buffers written unfused too
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(RELU_PATHS))
+def test_conv2d_relu_matches_torch(torch, name, dtype, banded_at_any_batch):
+    """Section 5c: y, dx, dW, db of the fused pair equal torch's relu(conv2d) and its autograd."""
+    cfg = RELU_PATHS[name]
+    fused, _ = _relu_fused_and_apart(make_backend("numpy"), cfg, dtype, "channels_last")
+    x, w, b, dy = (torch.tensor(t, requires_grad=True) for t in _halves(cfg, dtype))
+    y = torch.relu(torch.nn.functional.conv2d(x, w, b, **cfg.conv_options))
+    y.backward(dy.detach())
+    for key, t in {"y": y, "dx": x.grad, "dw": w.grad, "db": b.grad}.items():
+        np.testing.assert_allclose(fused[key], t.detach().numpy(), err_msg=key, **tol(dtype))
+
+
+def test_conv2d_backward_rejects_a_bad_relu_output_in_one_line():
+    x, w = np.zeros((2, 3, 5, 5)), np.zeros((4, 3, 3, 3))
+    dy = np.zeros((2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"^conv2d: expected relu_output of shape \(2, 4, 3, 3\) \(the forward's "
+                                         r"output\), got \(2, 4, 3, 2\)$"):
+        conv2d_backward(dy, x, w, relu_output=np.zeros((2, 4, 3, 2)))
+    with pytest.raises(TypeError, match=r"^conv2d: relu_output dtype float32 does not match input dtype float64$"):
+        conv2d_backward(dy, x, w, relu_output=np.zeros((2, 4, 3, 3), dtype=np.float32))

@@ -587,6 +587,19 @@ def draw_grouped_conv(rng, dtype):
                                need_input_grad=need_input_grad, label=label)
 
 
+def draw_conv_relu(rng, dtype):
+    """:func:`draw_grouped_conv` with ``x``, ``w`` and ``bias`` in halves: every sum exact in any order, zeros in ``y``.
+
+    The ReLU's mask is then the same for the kernels and the reference (no
+    rounding puts an output on the other side of zero), ties at zero included.
+    """
+    p = draw_grouped_conv(rng, dtype)
+    for a in (p.x, p.w, p.bias):
+        if a is not None:
+            a[...] = np.round(a * 2) / 2
+    return p
+
+
 def rsc_from_crs(cols, g):
     """Reference columns ``(c, r, s)`` reordered to ``(g, r, s, c')``, the channel within its group fastest."""
     rows = cols.shape[0]
@@ -755,6 +768,24 @@ def _conv_gemm_reference(p):
     return {**out, "dx": dx} if p.need_input_grad else out
 
 
+def _conv_relu(run, p):
+    """The forward with ``relu`` (bias and ReLU in one kernel), then the backward through that ReLU."""
+    y, _ = cupy_conv.conv2d_forward_on(run, XP, p.x, p.w, p.bias, p.g, relu=True)
+    dx, dw, db = cupy_conv.conv2d_backward_on(run, XP, p.dy, p.x, p.w, p.g, has_bias=p.bias is not None,
+                                              need_input_grad=p.need_input_grad, relu_output=y)
+    out = {"y": y, "dw": dw, **({"db": db} if p.bias is not None else {})}
+    return {**out, "dx": dx} if p.need_input_grad else out
+
+
+def _conv_relu_reference(p):
+    """The reference's convolution, then its ReLU; backward, the ReLU's and then the convolution's."""
+    z, _ = reference_conv.conv2d_forward(XP, p.x, p.w, p.bias, p.g)
+    dz = reference_activation.relu_backward(XP, p.dy, z)
+    dx, dw, db = reference_conv.conv2d_backward(XP, dz, p.x, p.w, p.g, has_bias=p.bias is not None)
+    out = {"y": reference_activation.relu_forward(XP, z), "dw": dw, **({"db": db} if p.bias is not None else {})}
+    return {**out, "dx": dx} if p.need_input_grad else out
+
+
 def _max_pool_forward(run, p):
     y, argmax = cupy_pool.max_pool2d_forward_on(run, p.x, p.g)
     return {"y": y, "argmax": argmax}
@@ -830,6 +861,9 @@ CASES = {
         lambda p: {"dx": reference_conv.col2im(XP, crs_from_rsc(p.cols_rsc, p.g), p.g)}),
     "conv2d_gemm": Case(
         ("im2col", "col2im"), draw_grouped_conv, _conv_gemm, _conv_gemm_reference),
+    "conv2d_relu": Case(
+        ("im2col", "col2im", "bias_relu", "relu", "relu_backward"), draw_conv_relu, _conv_relu, _conv_relu_reference,
+        exact=("y",)),
     "depthwise_conv2d_forward": Case(
         ("depthwise_conv2d_forward",), draw_depthwise,
         lambda run, p: {"y": cupy_conv.depthwise_forward_on(run, p.x, p.w, p.bias, p.g)},

@@ -531,51 +531,59 @@ def test_layer_hook_sees_every_call_in_order_and_is_removed():
     assert calls == []
 
 
-def _pooled_relu_model() -> nn.Sequential:
-    """MaxPool2d -> ReLU twice (fused), beside AvgPool2d -> ReLU and ReLU -> MaxPool2d (not fused)."""
+def _fused_relu_model() -> nn.Sequential:
+    """MaxPool2d -> ReLU twice and Conv2d -> ReLU (fused), beside Conv2d -> MaxPool2d and AvgPool2d -> ReLU (not)."""
     nn.manual_seed(4)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),  # (2, 4, 7, 8)
         nn.MaxPool2d(2, stride=1), nn.ReLU(),  # (2, 4, 6, 7): fused
         nn.AvgPool2d(2, stride=1), nn.ReLU(),  # (2, 4, 5, 6)
         nn.Conv2d(4, 3, 2),  # (2, 3, 4, 5)
-        nn.ReLU(), nn.MaxPool2d((2, 3), padding=1, ceil_mode=True), nn.ReLU(),  # (2, 3, 3, 2): the second pair fused
+        nn.ReLU(), nn.MaxPool2d((2, 3), padding=1, ceil_mode=True), nn.ReLU(),  # (2, 3, 3, 2): both pairs fused
         nn.Flatten(),
         nn.Linear(18, NUM_CLASSES),
     )
 
 
-def test_sequential_fuses_a_max_pooling_with_the_relu_after_it(backend):
-    """Section 7.4: MaxPool2d then ReLU run as max_pool2d_relu, with the same loss, input and parameter gradients.
+def test_sequential_fuses_a_relu_into_the_convolution_or_max_pooling_before_it(backend):
+    """Sections 5c and 7.4: Conv2d then ReLU run as conv2d(relu=True), MaxPool2d then ReLU as max_pool2d_relu,
+    with the same loss, input and parameter gradients.
 
     Under layer_hook every layer runs on its own (the reference run here);
     the fused run must agree with it bit for bit.
     """
-    model = _pooled_relu_model().to(backend.xp, "float64")
+    model = _fused_relu_model().to(backend.xp, "float64")
     x = backend.asarray(np.round(model_input(5) * 2))  # rounded: ties and zeros in the pooled windows
     labels = backend.asarray(LABELS)
     with nn.layer_hook(lambda layer, direction, call: call()):
         loss, dx, grads = loss_and_grads(model, x, labels)
         assert model._fused_relus == frozenset()
     fused_loss, fused_dx, fused_grads = loss_and_grads(model, x, labels)
-    assert model._fused_relus == {2, 8}
+    assert model._fused_relus == {2, 6, 8}
     assert fused_loss == loss
     np.testing.assert_array_equal(fused_dx, dx)
     for name in grads:
         np.testing.assert_array_equal(fused_grads[name], grads[name], err_msg=name)
 
 
-def test_a_fused_relu_keeps_what_its_own_backward_needs(backend):
+@pytest.mark.parametrize("before", ["pool", "conv"])
+def test_a_fused_relu_keeps_what_its_own_backward_needs(backend, before):
     """After a fused forward the ReLU holds its output, so calling its backward directly still masks right."""
-    pool, act = nn.MaxPool2d(2), nn.ReLU()
-    model = nn.Sequential(pool, act)
+    nn.manual_seed(1)
+    layer = nn.MaxPool2d(2) if before == "pool" else nn.Conv2d(3, 3, 3, stride=2, padding=1)
+    act = nn.ReLU()
+    model = nn.Sequential(layer, act).to(backend.xp, "float64")
     x = backend.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)))
     y = model.forward(x)
     assert model._fused_relus == {1}
+    assert (B.to_numpy(y) == 0).any() and (B.to_numpy(y) > 0).any()
     dy = backend.asarray(np.ones((2, 3, 2, 2)))
     np.testing.assert_array_equal(B.to_numpy(act.backward(dy)), (B.to_numpy(y) > 0).astype(float))
-    # Through the model, the pooling applies the ReLU: the same input gradient as the two backwards in turn.
-    np.testing.assert_array_equal(B.to_numpy(model.backward(dy)), B.to_numpy(pool.backward(act.backward(dy))))
+    # Through the model, the layer before applies the ReLU: the same input gradient as the two backwards in turn,
+    # and again on a second backward of the same forward.
+    first = B.to_numpy(model.backward(dy))
+    np.testing.assert_array_equal(B.to_numpy(model.backward(dy)), first)
+    np.testing.assert_array_equal(first, B.to_numpy(layer.backward(act.backward(dy))))
 
 
 def test_layer_hook_sees_a_pooled_relu_as_its_own_layer():

@@ -143,7 +143,7 @@ def _check_conv_args(x, weight, bias, where):
 
 
 def conv2d(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, return_cols=False, workspace=None,
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, relu=False, return_cols=False, workspace=None,
     where="conv2d",
 ):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
@@ -158,6 +158,12 @@ def conv2d(
         ``G``: input channels ``g*C/G .. (g+1)*C/G - 1`` feed only output
         channels ``g*K/G .. (g+1)*K/G - 1``; ``G`` must divide ``C`` and ``K``.
         ``groups == C`` is a depthwise convolution (``K/C`` filters per channel).
+    relu : bool
+        Return ``relu(conv2d(x) + bias)``, the ReLU applied as each part of
+        the output is written (NumPy: to each block of the GEMM's output
+        while it is in cache; CuPy: with the bias, in one kernel). Its
+        backward is :func:`conv2d_backward` with ``relu_output=y``
+        (docs/derivation.md, section 5c).
     return_cols : bool
         Also return what the backward can reuse (the unfolded input).
     workspace : dict, optional
@@ -188,13 +194,14 @@ def conv2d(
     xp = _check_conv_args(x, weight, bias, where)
     g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where, groups)
     forward = dispatch.kernel("conv2d_forward", xp, x.dtype)
-    y, saved = forward(xp, x, weight, bias, g, keep_cols=return_cols, workspace=workspace, where=where)
+    y, saved = forward(xp, x, weight, bias, g, relu=bool(relu), keep_cols=return_cols, workspace=workspace,
+                       where=where)
     return (y, saved) if return_cols else y
 
 
 def conv2d_backward(
     dy, x, weight, stride=1, padding=0, dilation=1, groups=1, *, cols=None, has_bias=True, need_input_grad=True,
-    workspace=None, where="conv2d",
+    relu_output=None, workspace=None, where="conv2d",
 ):
     """Gradients of :func:`conv2d`.
 
@@ -216,6 +223,10 @@ def conv2d_backward(
     need_input_grad : bool
         Whether to compute ``dx`` (else ``None``): the first layer of a
         network needs no gradient for its input, which saves a GEMM and col2im.
+    relu_output : array, shape (N, K, P, Q), optional
+        The output of a forward run with ``relu=True``: ``dy`` is then the
+        gradient of that output, and goes through the ReLU first (``dy``
+        where ``relu_output > 0``; NumPy masks each block as it reads it).
     workspace : dict, optional
         Scratch buffers, as for :func:`conv2d` (use the same dict).
 
@@ -230,6 +241,12 @@ def conv2d_backward(
     g = ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, where, groups)
     if tuple(dy.shape) != g.y_shape:
         raise ValueError(f"{where}: expected output gradient of shape {g.y_shape}, got {tuple(dy.shape)}")
+    if relu_output is not None:
+        namespace_of(relu_output, x, where=where)
+        check_same_dtype(relu_output, x, where, "relu_output", "input")
+        if tuple(relu_output.shape) != g.y_shape:
+            raise ValueError(f"{where}: expected relu_output of shape {g.y_shape} (the forward's output), "
+                             f"got {tuple(relu_output.shape)}")
     backward = dispatch.kernel("conv2d_backward", xp, x.dtype)
     return backward(xp, dy, x, weight, g, saved=cols, has_bias=has_bias, need_input_grad=need_input_grad,
-                    workspace=workspace, where=where)
+                    relu_output=relu_output, workspace=workspace, where=where)

@@ -20,7 +20,8 @@ in the reference's tap order; it returns an ``(N, C, H, W)`` view of
 channels-last memory. Each kernel's work, and the whole forward and
 backward, is a function of a :class:`~.compile.KernelRunner`
 (``im2col_on``, ``col2im_on``, ``conv2d_forward_on``, ...), which
-tests/test_cuda_kernels.py also runs on the CPU. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
+tests/test_cuda_kernels.py also runs on the CPU. A forward with ``relu`` adds the bias and applies
+the ReLU in one elementwise kernel (``bias_relu``) instead of two. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
 ``sum(axis=0)`` of vgg-small's (262144, 32) output gradients took about
 4 ms per layer on an H200, the GEMV 0.04 ms (docs/benchmarks.md).
 
@@ -37,8 +38,10 @@ numbers on every run.
 
 from __future__ import annotations
 
+from ..reference import activation as reference_activation
 from ..reference import conv as reference
 from .compile import channels_last, cupy_runner, nchw_output, strides
+from .elementwise import bias_relu_on, relu_backward_on
 from .memory import out_of_memory_explained
 
 __all__ = [
@@ -104,15 +107,34 @@ def _columns(run, x):
             lambda xp, cols, g: col2im_on(run, cols, g, order))
 
 
-def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False):
-    """The non-depthwise forward on ``run``: im2col in the layout :func:`_columns` picks, then the reference's GEMM."""
+def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False, relu=False):
+    """The non-depthwise forward on ``run``: im2col in the layout :func:`_columns` picks, then the reference's GEMM.
+
+    With ``relu`` the bias and the ReLU are one kernel (:func:`.elementwise.bias_relu_on`).
+    """
     layout, order, unfold, _ = _columns(run, x)
+
+    def epilogue(xp, y, bias, relu):
+        return bias_relu_on(run, y, bias) if relu else reference.add_bias_relu(xp, y, bias, False)
+
     return reference.gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=unfold, layout=layout,
-                                  order=order)
+                                  order=order, relu=relu, epilogue=epilogue)
 
 
-def conv2d_backward_on(run, xp, dy, x, weight, g, saved=None, has_bias=True, need_input_grad=True):
-    """The non-depthwise backward on ``run``: the forward's columns where ``saved`` holds them in its layout."""
+def relu_backward_of(run, xp, dy, relu_output):
+    """``dy`` through the ReLU whose output is ``relu_output`` (a forward with ``relu``): one kernel when of one dtype."""
+    if dy.dtype == relu_output.dtype:
+        return relu_backward_on(run, dy, relu_output)
+    return reference_activation.relu_backward(xp, dy, relu_output)
+
+
+def conv2d_backward_on(run, xp, dy, x, weight, g, saved=None, has_bias=True, need_input_grad=True, relu_output=None):
+    """The non-depthwise backward on ``run``: the forward's columns where ``saved`` holds them in its layout.
+
+    ``relu_output``: the output of a forward with ``relu``; ``dy`` goes through the ReLU's backward kernel first.
+    """
+    if relu_output is not None:
+        dy = relu_backward_of(run, xp, dy, relu_output)  # (N, K, P, Q)
     layout, order, unfold, fold = _columns(run, x)
     # Taken and passed on unnamed: the GEMM code frees them before the input gradient's columns (ConvColumns.take).
     return reference.gemm_backward(xp, dy, x, weight, g, cols=None if saved is None else saved.take(layout),
@@ -171,24 +193,29 @@ def depthwise_backward_on(run, dy, x, weight, g, need_input_grad=True):
     return dx, dweight
 
 
-def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
+def conv2d_forward(xp, x, weight, bias, g, *, relu=False, keep_cols=False, workspace=None, where="conv2d"):
     """Forward as the reference's with the im2col kernel, or depthwise; returns ``(y, ConvColumns or None)``."""
     with out_of_memory_explained(where, "forward", x):
         if g.depthwise:
             with x.device:
-                return depthwise_forward_on(cupy_runner(), x, weight, bias, g), None
+                y = depthwise_forward_on(cupy_runner(), x, weight, bias, g)
+                return (bias_relu_on(cupy_runner(), y, None) if relu else y), None
         with x.device:
-            return conv2d_forward_on(cupy_runner(), xp, x, weight, bias, g, keep_cols)
+            return conv2d_forward_on(cupy_runner(), xp, x, weight, bias, g, keep_cols, relu)
 
 
-def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
-                    where="conv2d"):
+def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, relu_output=None,
+                    workspace=None, where="conv2d"):
     """Backward as the reference's, with the im2col and col2im kernels and the GEMV bias gradient, or depthwise."""
     with out_of_memory_explained(where, "backward", x):
+        if g.depthwise and relu_output is not None:
+            with x.device:
+                dy, relu_output = relu_backward_of(cupy_runner(), xp, dy, relu_output), None
         if g.depthwise and dy.dtype == x.dtype:  # the CUDA templates have one T
             with x.device:
                 dx, dweight = depthwise_backward_on(cupy_runner(), dy, x, weight, g, need_input_grad)
                 dy2 = xp.reshape(xp.permute_dims(dy, (0, 2, 3, 1)), (g.N * g.P * g.Q, g.K))  # (N*P*Q, K)
                 return dx, dweight, column_sums(xp, dy2) if has_bias else None
         with x.device:
-            return conv2d_backward_on(cupy_runner(), xp, dy, x, weight, g, saved, has_bias, need_input_grad)
+            return conv2d_backward_on(cupy_runner(), xp, dy, x, weight, g, saved, has_bias, need_input_grad,
+                                      relu_output)

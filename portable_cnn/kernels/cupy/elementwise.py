@@ -24,6 +24,7 @@ __all__ = [
     "ELEMENTWISE_SOURCES",
     "relu_forward",
     "relu_backward",
+    "bias_relu_on",
     "softmax_cross_entropy_forward",
     "softmax_cross_entropy_backward",
     "sgd_step",
@@ -36,6 +37,8 @@ __all__ = [
 
 RELU = ElementwiseSource("relu", "T x", "T y", "y = x > (T)0 ? x : (T)0")
 RELU_BACKWARD = ElementwiseSource("relu_backward", "T dy, T x", "T dx", "dx = x > (T)0 ? dy : (T)0")
+# A convolution's epilogue: its bias (broadcast along the last axis) and the ReLU after it, in one pass.
+BIAS_RELU = ElementwiseSource("bias_relu", "T y, T bias", "T out", "const T v = y + bias; out = v > (T)0 ? v : (T)0")
 # Rows whose label is outside [0, K) (ignore_index among them: see _fused_case)
 # get a zero gradient; the others (p - onehot) times their row's factor.
 SOFTMAX_CROSS_ENTROPY_BACKWARD = ElementwiseSource(
@@ -63,7 +66,7 @@ SGD_NESTEROV = ElementwiseSource("sgd_nesterov", *_SGD_PARAMS, _SGD_BODY.format(
                                  ("--fmad=false",))
 
 #: Every fused elementwise kernel of this module.
-ELEMENTWISE_SOURCES = (RELU, RELU_BACKWARD, SOFTMAX_CROSS_ENTROPY_BACKWARD, COUNTED_LABELS, SGD_MOMENTUM, SGD_NESTEROV)
+ELEMENTWISE_SOURCES = (RELU, RELU_BACKWARD, BIAS_RELU, SOFTMAX_CROSS_ENTROPY_BACKWARD, COUNTED_LABELS, SGD_MOMENTUM, SGD_NESTEROV)
 
 
 def relu_forward(xp, x):
@@ -83,6 +86,13 @@ def relu_backward(xp, dy, x):
         return reference_activation.relu_backward(xp, dy, x)
     with dy.device:
         return relu_backward_on(cupy_runner(), dy, x)
+
+
+def bias_relu_on(run, y, bias):
+    """``relu(y + bias)`` into ``y`` (``bias`` broadcast along its last axis, or None) in one kernel; returns ``y``."""
+    if bias is None:
+        return run.elementwise(RELU)(y, y)
+    return run.elementwise(BIAS_RELU)(y, bias, y)
 
 
 def relu_backward_on(run, dy, x):

@@ -11,12 +11,17 @@ import numpy as np
 
 from .parallel import parallel_apply
 
-__all__ = ["relu_forward", "relu_backward"]
+__all__ = ["relu_forward", "relu_backward", "relu_in_place"]
 
 
 def relu_forward(xp, x):
     """``max(x, 0)``; empty_like keeps x's memory layout (channels-last stays so)."""
     return parallel_apply(_relu_into, np.empty_like(x), x)
+
+
+def relu_in_place(y):
+    """``y = max(y, 0)`` in place (a fused op's output it owns); returns ``y``."""
+    return parallel_apply(_relu_into, y, y)
 
 
 def relu_backward(xp, dy, x):

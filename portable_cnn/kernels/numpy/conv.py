@@ -43,6 +43,7 @@ import numpy as np
 from ...config import setting
 from ...geometry import ConvColumns
 from . import banded, depthwise
+from .activation import relu_backward, relu_in_place
 from .parallel import batch_parallel, parallel_copy
 
 __all__ = ["COLUMN_LAYOUT", "conv2d_forward", "conv2d_backward"]
@@ -103,8 +104,12 @@ def _padded_nhwc(x, a, b, workspace=None, tag="pad", *, contiguous=False):
 
 def _windows_nhwc(x, R, S, u, v, a, b, dh, dw, P, Q, G, workspace=None, tag="x"):
     """A read-only ``(N, P, Q, G, R, S, C/G)`` strided view: ``[n, p, q]`` is im2col row ``(n, p, q)``."""
-    xpad = _padded_nhwc(x, a, b, workspace, tag + ".pad")  # (N, H+2a, W+2b, C)
-    N, C = x.shape[:2]
+    return _windows_of(_padded_nhwc(x, a, b, workspace, tag + ".pad"), R, S, u, v, dh, dw, P, Q, G)
+
+
+def _windows_of(xpad, R, S, u, v, dh, dw, P, Q, G):
+    """:func:`_windows_nhwc` of the already padded channels-last ``xpad`` ``(N, H+2a, W+2b, C)``."""
+    N, C = xpad.shape[0], xpad.shape[3]
     sN, sH, sW, sC = xpad.strides
     return np.lib.stride_tricks.as_strided(
         xpad, shape=(N, P, Q, G, R, S, C // G), strides=(sN, u * sH, v * sW, C // G * sC, dh * sH, dw * sW, sC),
@@ -187,11 +192,13 @@ def _workspace_buffer(workspace):
     return lambda shape, dtype, tag: _buffer(workspace, tag, shape, dtype)
 
 
-def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
+def conv2d_forward(xp, x, weight, bias, g, *, relu=False, keep_cols=False, workspace=None, where="conv2d"):
     """Forward; returns ``(y, ConvColumns or None)``: the columns only for a small layer (``_KEEP_BYTES``).
 
-    A depthwise convolution (``g.depthwise``) runs :mod:`.depthwise`, a thin
-    one (:func:`.banded.use`) :mod:`.banded`; neither keeps columns.
+    With ``relu``, ``y`` is ``relu(conv + bias)``, applied to each block of
+    the GEMM's output while it is in cache. A depthwise convolution
+    (``g.depthwise``) runs :mod:`.depthwise`, a thin one (:func:`.banded.use`)
+    :mod:`.banded`; neither keeps columns, and their ReLU is a pass of its own.
     """
     if g.depthwise or banded.use(g, x.itemsize):
         xpad = _padded_nhwc(x, g.a, g.b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
@@ -199,6 +206,8 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
             y = depthwise.forward(xpad, weight, bias, g)  # (N, P, Q, K)
         else:
             y = banded.forward(xpad, weight, bias, g, _workspace_buffer(workspace))  # (N, P, Q, K)
+        if relu:
+            relu_in_place(y)
         return y.transpose(0, 3, 1, 2), None  # (N, K, P, Q) view of (N, P, Q, K)
     N, C, P, Q, K, R, S, G = g.N, g.C, g.P, g.Q, g.K, g.R, g.S, g.G
     w3t = _weight_columns(weight, g)  # (G, R*S*C/G, K/G)
@@ -226,25 +235,32 @@ def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, w
             if bias_row is not None:
                 y_rows = y[i:j].reshape((j - i) * P, Q * K)  # (rows/Q, Q*K)
                 y_rows += bias_row
+            if relu:
+                np.maximum(out, out.dtype.type(0), out=out)  # the block's ReLU, in cache (NaN stays, as relu's)
 
     batch_parallel(work, N, flops=g.flops + _UNFOLD_FLOPS_PER_BYTE * N * P * Q * R * S * C * x.itemsize)
     saved = ConvColumns(COLUMN_LAYOUT, whole) if keep_cols and whole is not None else None
     return y.transpose(0, 3, 1, 2), saved  # (N, K, P, Q) view of (N, P, Q, K)
 
 
-def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
-                    where="conv2d"):
+def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, relu_output=None,
+                    workspace=None, where="conv2d"):
     """Backward: ``(dx or None, dW, db or None)``; ``saved`` the forward's columns in this layout, or recompute.
 
     Per block of samples and per group: ``dW += dY2.T @ cols`` and ``db +=
     1 @ dY2`` into the thread's own partial sums, and ``dx`` for those
     samples, either as a convolution of dy (stride 1, docs/derivation.md
-    section 5) or by col2im tap by tap. A depthwise convolution runs
-    :mod:`.depthwise`, a thin one :mod:`.banded`.
+    section 5) or by col2im tap by tap. ``relu_output``: the forward ran
+    with ``relu`` and gave this ``y``; each block of ``dY2`` is first masked
+    by ``y > 0``, in cache. A depthwise convolution runs :mod:`.depthwise`,
+    a thin one :mod:`.banded`, after a ReLU backward pass of its own.
     """
     N, C, H, W, K, R, S, P, Q, G = g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.G
     u, v, a, b, dh, dw = g.u, g.v, g.a, g.b, g.dh, g.dw
+    if relu_output is not None and (g.depthwise or banded.use(g, x.itemsize)):
+        dy, relu_output = relu_backward(xp, dy, relu_output), None  # (N, K, P, Q), x's layout
     dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, K), contiguous when dy is channels-last
+    yt = None if relu_output is None else relu_output.transpose(0, 2, 3, 1)  # (N, P, Q, K)
     if g.depthwise or banded.use(g, x.itemsize):
         xpad = _padded_nhwc(x, a, b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
         if g.depthwise:
@@ -268,9 +284,12 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
     if need_input_grad and as_convolution:
         # dx = conv(dy padded by d(R-1)-a, rot180(W) with K and C swapped), group by group: docs/derivation.md,
         # sections 5 and 5a.
-        dy_windows = _windows_nhwc(
-            dy, R, S, 1, 1, dh * (R - 1) - a, dw * (S - 1) - b, dh, dw, H, W, G, workspace, "dy"
-        )  # (N, H, W, G, R, S, K/G)
+        pa, pb = dh * (R - 1) - a, dw * (S - 1) - b
+        if yt is None:
+            dypad = _padded_nhwc(dy, pa, pb, workspace, "dy.pad")  # (N, P+2pa, Q+2pb, K)
+        else:  # each block writes its masked dy into the interior (the border stays zero)
+            dypad = _buffer(workspace, "dy.pad", (N, P + 2 * pa, Q + 2 * pb, K), dy.dtype, zeroed=True)
+        dy_windows = _windows_of(dypad, R, S, 1, 1, dh, dw, H, W, G)  # (N, H, W, G, R, S, K/G)
         w_rot = weight[:, :, ::-1, ::-1].reshape(G, g.Kg, g.Cg, R, S)  # (G, K/G, C/G, R, S)
         w_rot_t = w_rot.transpose(0, 3, 4, 1, 2).reshape(G, R * S * g.Kg, g.Cg)  # (G, R*S*K/G, C/G)
         dx = np.empty((N, H, W, C), dtype=dy.dtype)  # (N, H, W, C)
@@ -295,6 +314,11 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
             j = min(hi, i + block)
             rows = (j - i) * P * Q
             dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
+            if yt is not None:  # the ReLU's backward for this block: dy where y > 0 (relu_backward's product)
+                masked = _buffer(workspace, f"dy.relu.{slot}", (block * P * Q, K), dy.dtype)[:rows]
+                dy2 = np.multiply(dy2, yt[i:j].reshape(rows, K) > 0, out=masked)  # (rows, K)
+                if unfold_dy is not None:
+                    dypad[i:j, pa : pa + P, pb : pb + Q, :] = dy2.reshape(j - i, P, Q, K)
             dy3 = _by_group(dy2, G)  # (G, rows, K/G)
             cols_block = unfold(i, j)  # (rows, G*R*S*C/G)
             if unfold.taps_first:  # G = C = 1: slices of rows (see _TAPS_FIRST_ROWS)

@@ -32,9 +32,11 @@ from __future__ import annotations
 from ... import backend
 from ...config import setting
 from ...geometry import ConvColumns
+from .activation import relu_backward, relu_forward
 from .windows import pad2d, scatter_add_taps, tap_slices
 
-__all__ = ["COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "gemm_forward", "gemm_backward"]
+__all__ = ["COLUMN_LAYOUT", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "gemm_forward", "gemm_backward",
+           "add_bias_relu"]
 
 COLUMN_LAYOUT = "reference"
 
@@ -106,24 +108,33 @@ def _samples_per_slice(xp, x, g) -> int:
     return g.samples_per_slice(itemsize, setting("workspace_mb") * 2**20)
 
 
-def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout, order="crs"):
+def add_bias_relu(xp, y, bias, relu):
+    """The forward's epilogue on the fresh product ``y`` (N*P*Q, K): ``y + bias`` in place, then its ReLU if ``relu``."""
+    if bias is not None:
+        y += bias  # in place: y is the product's own fresh array, and a second one would double the peak here
+    return relu_forward(xp, y) if relu else y
+
+
+def gemm_forward(xp, x, weight, bias, g, *, keep_cols, unfold, layout, order="crs", relu=False,
+                 epilogue=add_bias_relu):
     """The forward GEMM with ``unfold`` as im2col; returns ``(y, ConvColumns or None)``.
 
-    ``order``: the column order ``unfold`` writes within a group (see :func:`_weight_by_group`).
+    ``order``: the column order ``unfold`` writes within a group (see
+    :func:`_weight_by_group`); ``epilogue(xp, y, bias, relu)``: the bias and
+    the ReLU on the product (:func:`add_bias_relu`; CuPy's is one kernel).
     """
     n = _samples_per_slice(xp, x, g)
     if n < g.N:
         parts = [
             gemm_forward(xp, x[i : i + n, ...], weight, bias, g.with_batch(min(n, g.N - i)), keep_cols=False,
-                         unfold=unfold, layout=layout, order=order)[0]
+                         unfold=unfold, layout=layout, order=order, relu=relu, epilogue=epilogue)[0]
             for i in range(0, g.N, n)
         ]
         return xp.concat(parts, axis=0), None  # (N, K, P, Q); the backward unfolds its slices again
     cols = unfold(xp, x, g)  # (N*P*Q, C*R*S)
     w3 = _weight_by_group(xp, weight, g, order)  # (G, K/G, C/G*R*S)
     y = _ungroup(xp, _by_group(xp, cols, g.G) @ xp.matrix_transpose(w3))  # (G, N*P*Q, K/G) -> (N*P*Q, K)
-    if bias is not None:
-        y += bias  # in place: y is the product's own fresh array, and a second one would double the peak here
+    y = epilogue(xp, y, bias, relu)  # (N*P*Q, K)
     y = xp.permute_dims(xp.reshape(y, (g.N, g.P, g.Q, g.K)), (0, 3, 1, 2))  # (N, K, P, Q)
     return y, (ConvColumns(layout, cols) if keep_cols else None)
 
@@ -168,18 +179,23 @@ def _sliced_backward(xp, dy, x, weight, g, n, has_bias, need_input_grad, unfold,
     return dx, dweight, dbias
 
 
-def conv2d_forward(xp, x, weight, bias, g, *, keep_cols=False, workspace=None, where="conv2d"):
-    """Convolution ``(N, C, H, W) -> (N, K, P, Q)``; returns ``(y, ConvColumns or None)``.
+def conv2d_forward(xp, x, weight, bias, g, *, relu=False, keep_cols=False, workspace=None, where="conv2d"):
+    """Convolution ``(N, C, H, W) -> (N, K, P, Q)``, its ReLU with ``relu``; returns ``(y, ConvColumns or None)``.
 
     ``workspace`` (a layer's scratch dict) and ``where`` are part of every
     convolution kernel's signature; the reference needs neither.
     """
-    return gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=im2col, layout=COLUMN_LAYOUT)
+    return gemm_forward(xp, x, weight, bias, g, keep_cols=keep_cols, unfold=im2col, layout=COLUMN_LAYOUT, relu=relu)
 
 
-def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, workspace=None,
-                    where="conv2d"):
-    """Gradients ``(dx or None, dW, db or None)``; ``saved`` is the forward's :class:`ConvColumns` or None."""
+def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_input_grad=True, relu_output=None,
+                    workspace=None, where="conv2d"):
+    """Gradients ``(dx or None, dW, db or None)``; ``saved`` is the forward's :class:`ConvColumns` or None.
+
+    ``relu_output``: the output of a forward with ``relu``; ``dy`` goes through the ReLU's backward first.
+    """
+    if relu_output is not None:
+        dy = relu_backward(xp, dy, relu_output)  # (N, K, P, Q)
     # Taken, not read, and passed on unnamed: gemm_backward holds the columns' only reference (ConvColumns.take).
     return gemm_backward(xp, dy, x, weight, g, cols=None if saved is None else saved.take(COLUMN_LAYOUT),
                          has_bias=has_bias, need_input_grad=need_input_grad, unfold=im2col, fold=col2im,
