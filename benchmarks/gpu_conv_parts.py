@@ -21,6 +21,10 @@ CUDA events, the median and min-max of 20 calls after 3 warm-ups:
     conv2d crs, backward crs
                     the same two with CHANNEL_FASTEST_COLUMNS off: the reference column order everywhere
                     (issue 15's A/B of the column order)
+    conv+relu, conv relu
+                    ops.conv2d(relu=True) (bias and ReLU in one kernel) against ops.relu(ops.conv2d(...))
+    bwd+relu, bwd relu
+                    ops.conv2d_backward(relu_output=y) against ops.relu_backward, then ops.conv2d_backward
 
 The parts are the kernel functions called with a ConvGeometry, as the
 dispatch calls them; the whole ops are checked to dispatch to the CuPy
@@ -107,6 +111,8 @@ def main() -> None:
                     cupy_conv.CHANNEL_FASTEST_COLUMNS = True
             return run
 
+        z = ops.conv2d(x, w, b, **opts)
+        y_relu = ops.conv2d(x, w, b, relu=True, **opts)
         with_crs = reference_order(lambda: ops.conv2d(x, w, b, return_cols=True, **opts))
         saved_crs = with_crs()[1]
         parts = {
@@ -123,6 +129,10 @@ def main() -> None:
             "backward": lambda: ops.conv2d_backward(dy, x, w, cols=saved, **opts),
             "conv2d crs": with_crs,
             "backward crs": reference_order(lambda: ops.conv2d_backward(dy, x, w, cols=saved_crs, **opts)),
+            "conv+relu": lambda: ops.conv2d(x, w, b, relu=True, **opts),
+            "conv relu": lambda: ops.relu(ops.conv2d(x, w, b, **opts)),
+            "bwd+relu": lambda: ops.conv2d_backward(dy, x, w, relu_output=y_relu, **opts),
+            "bwd relu": lambda: ops.conv2d_backward(ops.relu_backward(dy, z), x, w, **opts),
         }
         timed = {part: _time(cupy, fn) for part, fn in parts.items()}
         np.testing.assert_array_equal(cupy.asnumpy(cols), cupy.asnumpy(reference_conv.im2col(xp, x, g)))
@@ -132,6 +142,7 @@ def main() -> None:
         np.testing.assert_array_equal(cupy.asnumpy(cupy_conv.im2col_on(runner, x, g, "rsc")), cupy.asnumpy(rsc))
         np.testing.assert_allclose(cupy.asnumpy(ops.conv2d(x, w, b, **opts)), cupy.asnumpy(with_crs()[0]),
                                    rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(cupy.asnumpy(y_relu), cupy.asnumpy(ops.relu(z)))
         np.testing.assert_allclose(cupy.asnumpy(cupy_conv.column_sums(xp, dy2)),
                                    cupy.asnumpy(reference_conv.column_sums(xp, dy2)), rtol=1e-4, atol=1e-2)
         print(f"\n{net} {layer}: N*P*Q = {BATCH * P * P}, C*R*S = {C * RS * RS}, K = {K}")
