@@ -20,8 +20,9 @@ in the reference's tap order; it returns an ``(N, C, H, W)`` view of
 channels-last memory. Each kernel's work, and the whole forward and
 backward, is a function of a :class:`~.compile.KernelRunner`
 (``im2col_on``, ``col2im_on``, ``conv2d_forward_on``, ...), which
-tests/test_cuda_kernels.py also runs on the CPU. A forward with ``relu`` adds the bias and applies
-the ReLU in one elementwise kernel (``bias_relu``) instead of two. The bias gradient is a GEMV (``ones @ dY2``): CuPy's
+tests/test_cuda_kernels.py also runs on the CPU. A forward with ``relu`` adds the bias and
+applies the ReLU in one elementwise kernel (``bias_relu``) instead of two. The bias gradient
+is a GEMV (``ones @ dY2``): CuPy's
 ``sum(axis=0)`` of vgg-small's (262144, 32) output gradients took about
 4 ms per layer on an H200, the GEMV 0.04 ms (docs/benchmarks.md).
 
@@ -122,7 +123,7 @@ def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False, relu=False):
 
 
 def relu_backward_of(run, xp, dy, relu_output):
-    """``dy`` through the ReLU whose output is ``relu_output`` (a forward with ``relu``): one kernel when of one dtype."""
+    """``dy`` through the ReLU whose output is ``relu_output`` (a forward with ``relu``); one kernel for one dtype."""
     if dy.dtype == relu_output.dtype:
         return relu_backward_on(run, dy, relu_output)
     return reference_activation.relu_backward(xp, dy, relu_output)

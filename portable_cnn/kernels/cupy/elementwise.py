@@ -66,7 +66,8 @@ SGD_NESTEROV = ElementwiseSource("sgd_nesterov", *_SGD_PARAMS, _SGD_BODY.format(
                                  ("--fmad=false",))
 
 #: Every fused elementwise kernel of this module.
-ELEMENTWISE_SOURCES = (RELU, RELU_BACKWARD, BIAS_RELU, SOFTMAX_CROSS_ENTROPY_BACKWARD, COUNTED_LABELS, SGD_MOMENTUM, SGD_NESTEROV)
+ELEMENTWISE_SOURCES = (RELU, RELU_BACKWARD, BIAS_RELU, SOFTMAX_CROSS_ENTROPY_BACKWARD, COUNTED_LABELS, SGD_MOMENTUM,
+                       SGD_NESTEROV)
 
 
 def relu_forward(xp, x):

@@ -109,7 +109,7 @@ def _samples_per_slice(xp, x, g) -> int:
 
 
 def add_bias_relu(xp, y, bias, relu):
-    """The forward's epilogue on the fresh product ``y`` (N*P*Q, K): ``y + bias`` in place, then its ReLU if ``relu``."""
+    """The forward's epilogue on the fresh product ``y`` (N*P*Q, K): ``y += bias``, then its ReLU if ``relu``."""
     if bias is not None:
         y += bias  # in place: y is the product's own fresh array, and a second one would double the peak here
     return relu_forward(xp, y) if relu else y
