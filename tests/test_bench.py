@@ -488,3 +488,18 @@ def test_ab_steps_compares_a_revision_with_the_checkout(tmp_path):
     assert len(rows) == 1 and rows[0].endswith("| 2 x 1 |"), done.stdout
     bad = subprocess.run([*script, "--base", "no-such-revision"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--base 'no-such-revision'" in bad.stderr
+
+
+def test_fresh_processes_times_each_runner_in_a_process_of_its_own(torch, tmp_path):
+    """benchmarks/fresh_processes.py: a row per net, and our process never imports torch (no figure checked)."""
+    repo = Path(__file__).resolve().parent.parent
+    script = [sys.executable, str(repo / "benchmarks" / "fresh_processes.py")]
+    done = subprocess.run([*script, "--nets", "digits", "--batch-size", "2", "--rounds", "2", "--steps", "1",
+                           "--warmup", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| digits |")]
+    assert len(rows) == 1 and rows[0].count("x (") == 1, done.stdout
+    ours = subprocess.run([*script, "--child", "ours", "--nets", "digits", "--batch-size", "2", "--steps", "1",
+                           "--warmup", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert ours.returncode == 0, ours.stderr
+    assert '"torch_loaded": false' in ours.stdout
