@@ -1032,3 +1032,21 @@ def test_conv2d_backward_rejects_a_bad_relu_output_in_one_line():
         conv2d_backward(dy, x, w, relu_output=np.zeros((2, 4, 3, 2)))
     with pytest.raises(TypeError, match=r"^conv2d: relu_output dtype float32 does not match input dtype float64$"):
         conv2d_backward(dy, x, w, relu_output=np.zeros((2, 4, 3, 3), dtype=np.float32))
+
+
+def test_conv2d_relu_with_nan_and_infinite_inputs_is_the_composition(backend):
+    """Section 5c: a NaN output fails ``> 0`` whatever the backend's ReLU makes of it, so the fused pair still
+    equals the composition (NaN where each backend's ReLU keeps it), infinities in x included."""
+    cfg = RELU_PATHS["dx-as-convolution"]
+    x, w, b, dy = _halves(cfg, "float64")
+    x[0, 0, 2, 2], x[1, 3, 0, 4], x[2, 5, 4, 1] = np.nan, np.inf, -np.inf
+    x, dy = channels_last(x), channels_last(dy)
+    X, Wt, Bt, DY = (backend.asarray(t) for t in (x, w, b, dy))
+    with np.errstate(invalid="ignore"):  # inf - inf in the products: NaN, as meant
+        y = conv2d(X, Wt, Bt, relu=True, **cfg.conv_options)
+        fused = (y, *conv2d_backward(DY, X, Wt, relu_output=y, **cfg.conv_options))
+        z = conv2d(X, Wt, Bt, **cfg.conv_options)
+        apart = (ops.relu(z), *conv2d_backward(ops.relu_backward(DY, z), X, Wt, **cfg.conv_options))
+    assert np.isnan(backend.to_numpy(z)).any()
+    for name, got, want in zip(("y", "dx", "dw", "db"), fused, apart):
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want), err_msg=name)
