@@ -134,7 +134,7 @@ MUTANTS = (
            ("tests/test_nn.py",), "nn.Sequential: a fused pair pools but never applies the ReLU"),
     # ------------------------------------------------------------------ the ReLU fused into a convolution (issue 15)
     Mutant("conv_relu_mask_at_zero", "portable_cnn/kernels/numpy/conv.py",
-           "yt[i:j].reshape(rows, K) > 0, out=masked)", "yt[i:j].reshape(rows, K) >= 0, out=masked)", (C,),
+           "yt[i:j].reshape(rows, K) > 0, out=masked_rows", "yt[i:j].reshape(rows, K) >= 0, out=masked_rows", (C,),
            "NumPy conv backward with a fused ReLU: the gradient passes where the output is 0"),
     Mutant("conv_relu_dy_not_padded", "portable_cnn/kernels/numpy/conv.py",
            "                    dypad[i:j, pa : pa + P, pb : pb + Q, :] = dy2.reshape(j - i, P, Q, K)\n",

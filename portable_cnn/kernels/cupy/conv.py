@@ -39,7 +39,6 @@ numbers on every run.
 
 from __future__ import annotations
 
-from ..reference import activation as reference_activation
 from ..reference import conv as reference
 from .compile import channels_last, cupy_runner, nchw_output, strides
 from .elementwise import bias_relu_on, relu_backward_on
@@ -122,20 +121,13 @@ def conv2d_forward_on(run, xp, x, weight, bias, g, keep_cols=False, relu=False):
                                   order=order, relu=relu, epilogue=epilogue)
 
 
-def relu_backward_of(run, xp, dy, relu_output):
-    """``dy`` through the ReLU whose output is ``relu_output`` (a forward with ``relu``); one kernel for one dtype."""
-    if dy.dtype == relu_output.dtype:
-        return relu_backward_on(run, dy, relu_output)
-    return reference_activation.relu_backward(xp, dy, relu_output)
-
-
 def conv2d_backward_on(run, xp, dy, x, weight, g, saved=None, has_bias=True, need_input_grad=True, relu_output=None):
     """The non-depthwise backward on ``run``: the forward's columns where ``saved`` holds them in its layout.
 
     ``relu_output``: the output of a forward with ``relu``; ``dy`` goes through the ReLU's backward kernel first.
     """
     if relu_output is not None:
-        dy = relu_backward_of(run, xp, dy, relu_output)  # (N, K, P, Q)
+        dy = relu_backward_on(run, dy, relu_output)  # (N, K, P, Q)
     layout, order, unfold, fold = _columns(run, x)
     # Taken and passed on unnamed: the GEMM code frees them before the input gradient's columns (ConvColumns.take).
     return reference.gemm_backward(xp, dy, x, weight, g, cols=None if saved is None else saved.take(layout),
@@ -211,7 +203,7 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
     with out_of_memory_explained(where, "backward", x):
         if g.depthwise and relu_output is not None:
             with x.device:
-                dy, relu_output = relu_backward_of(cupy_runner(), xp, dy, relu_output), None
+                dy, relu_output = relu_backward_on(cupy_runner(), dy, relu_output), None
         if g.depthwise and dy.dtype == x.dtype:  # the CUDA templates have one T
             with x.device:
                 dx, dweight = depthwise_backward_on(cupy_runner(), dy, x, weight, g, need_input_grad)

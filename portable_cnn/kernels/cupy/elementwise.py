@@ -83,8 +83,6 @@ def relu_forward_on(run, x):
 
 def relu_backward(xp, dy, x):
     """``x > 0 ? dy : 0`` in dy's memory layout."""
-    if dy.dtype != x.dtype:  # the kernel has one type parameter
-        return reference_activation.relu_backward(xp, dy, x)
     with dy.device:
         return relu_backward_on(cupy_runner(), dy, x)
 
@@ -97,7 +95,9 @@ def bias_relu_on(run, y, bias):
 
 
 def relu_backward_on(run, dy, x):
-    """:func:`relu_backward` on the :class:`~.compile.KernelRunner` ``run`` (``dy`` and ``x`` of one dtype)."""
+    """:func:`relu_backward` on the :class:`~.compile.KernelRunner` ``run``; the reference's for two dtypes."""
+    if dy.dtype != x.dtype:  # the kernel has one type parameter
+        return reference_activation.relu_backward(run.lib, dy, x)
     return run.elementwise(RELU_BACKWARD)(dy, x, run.lib.empty_like(dy))
 
 

@@ -257,11 +257,12 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
     """
     N, C, H, W, K, R, S, P, Q, G = g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q, g.G
     u, v, a, b, dh, dw = g.u, g.v, g.a, g.b, g.dh, g.dw
-    if relu_output is not None and (g.depthwise or banded.use(g, x.itemsize)):
+    own_kernel = g.depthwise or banded.use(g, x.itemsize)
+    if relu_output is not None and own_kernel:
         dy, relu_output = relu_backward(xp, dy, relu_output), None  # (N, K, P, Q), x's layout
     dyt = dy.transpose(0, 2, 3, 1)  # (N, P, Q, K), contiguous when dy is channels-last
     yt = None if relu_output is None else relu_output.transpose(0, 2, 3, 1)  # (N, P, Q, K)
-    if g.depthwise or banded.use(g, x.itemsize):
+    if own_kernel:
         xpad = _padded_nhwc(x, a, b, workspace, "x.pad", contiguous=True)  # (N, H+2a, W+2b, C)
         if g.depthwise:
             dxpad, dweight, dbias = depthwise.backward(dyt, xpad, weight, g, has_bias, need_input_grad)
@@ -310,13 +311,13 @@ def conv2d_backward(xp, dy, x, weight, g, *, saved=None, has_bias=True, need_inp
         dw3 = np.zeros((G, g.Kg, R * S * g.Cg), dtype=x.dtype)  # (G, K/G, R*S*C/G)
         db = np.zeros(K, dtype=x.dtype)  # (K,)
         ones = np.ones(block * P * Q, dtype=x.dtype)
+        masked_rows = None if yt is None else _buffer(workspace, f"dy.relu.{slot}", (block * P * Q, K), dy.dtype)
         for i in range(lo, hi, block):
             j = min(hi, i + block)
             rows = (j - i) * P * Q
             dy2 = dyt[i:j].reshape(rows, K)  # (rows, K)
             if yt is not None:  # the ReLU's backward for this block: dy where y > 0 (relu_backward's product)
-                masked = _buffer(workspace, f"dy.relu.{slot}", (block * P * Q, K), dy.dtype)[:rows]
-                dy2 = np.multiply(dy2, yt[i:j].reshape(rows, K) > 0, out=masked)  # (rows, K)
+                dy2 = np.multiply(dy2, yt[i:j].reshape(rows, K) > 0, out=masked_rows[:rows])  # (rows, K)
                 if unfold_dy is not None:
                     dypad[i:j, pa : pa + P, pb : pb + Q, :] = dy2.reshape(j - i, P, Q, K)
             dy3 = _by_group(dy2, G)  # (G, rows, K/G)
